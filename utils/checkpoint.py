@@ -1,0 +1,70 @@
+"""Checkpoints that survive a kill: written to `step_K.tmp/`, renamed to `step_K/` when complete, then `latest` is
+replaced atomically. A kill at any moment leaves `latest` pointing at the last complete checkpoint.
+
+Layout of `run_dir/checkpoints/step_K/`:
+    accelerate_state/   accelerator.save_state: models, optimizers and every rank's RNG states (sharded under FSDP/ZeRO)
+    <agent>/            each agent in Hugging Face format (a full model, or a LoRA adapter), loadable by eval.py
+    trainer_state.json  step counter, schedule position and the filtered dataset of the current phase
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def _ckpt_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, hf_models: dict, tokenizer,
+                    keep: int) -> Path:
+    """Collective: every rank must call it (sharded states are gathered or written per rank)."""
+    root = _ckpt_root(run_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"step_{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate_state"))
+    for name, model in hf_models.items():
+        state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP / ZeRO-3
+        accelerator.unwrap_model(model).save_pretrained(
+            tmp / name, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+        )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        with open(tmp / "trainer_state.json", "w") as f:
+            json.dump(trainer_state, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = root / "latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+        complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint directory or a run directory (then its latest complete checkpoint)."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    latest = _ckpt_root(path) / "latest"
+    if latest.is_file():
+        ckpt = _ckpt_root(path) / latest.read_text().strip()
+        if (ckpt / "trainer_state.json").is_file():
+            return ckpt
+    raise FileNotFoundError(f"--resume {path}: no checkpoint there (expected {path}/trainer_state.json or "
+                            f"{latest} naming a complete checkpoint)")
+
+
+def load_checkpoint(accelerator, ckpt: Path) -> dict:
+    """Restore models, optimizers and RNG states in place; return the trainer state."""
+    accelerator.load_state(str(ckpt / "accelerate_state"))
+    with open(ckpt / "trainer_state.json") as f:
+        return json.load(f)

@@ -1,0 +1,76 @@
+"""Batched generation behind one small function, so a faster backend (vLLM) can replace it.
+
+`generate` takes token-id prompts and returns the sampled completion ids, cut after the first end-of-turn token
+(which is kept: it was sampled, so it is trained on). The training scripts recompute log-probabilities
+themselves, so a backend only has to return ids.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # sampled tokens, ending with the stop token unless truncated
+    truncated: bool  # hit max_new_tokens without a stop token
+
+
+def _cut(ids: list[int], stop_ids: set[int]) -> Completion:
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return Completion(ids[: i + 1], truncated=False)
+    return Completion(ids, truncated=True)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_ids: list[int],
+    batch_size: int = 64,
+    autocast_dtype: torch.dtype | None = None,
+    show_progress: bool = False,
+    desc: str = "generate",
+) -> list[Completion]:
+    """Sample one completion per prompt with HF `generate` (temperature 0 means greedy).
+
+    Prompts are sorted by length and cut into batches of `batch_size` to limit padding, left-padded (HF derives
+    position ids from the attention mask, so padded and unpadded prompts give the same tokens), and the results
+    are returned in the input order."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[Completion | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+    if autocast_dtype is not None:
+        autocast = torch.autocast(device.type, dtype=autocast_dtype)
+    else:
+        autocast = nullcontext()
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not show_progress or len(batches) < 2, leave=False):
+        padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, return_tensors="pt", padding_side="left")
+        input_ids = padded["input_ids"].to(device)  # (b, P)
+        with autocast:
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=padded["attention_mask"].to(device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+                **sampling,
+            )  # (b, P + new)
+        for row, i in enumerate(batch):
+            results[i] = _cut(out[row, input_ids.shape[1] :].tolist(), set(stop_ids))
+    model.train(was_training)
+    return results

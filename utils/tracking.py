@@ -1,0 +1,66 @@
+"""Run logging: TensorBoard always, Weights & Biases behind --track, metrics.jsonl and transcripts.jsonl.
+
+Only the main process writes. `metrics.jsonl` has one object per logged step, `{"step": k, "time": s, name: value}`,
+so a run can be plotted with ten lines of pandas; `transcripts.jsonl` has full rollouts (question, plan, solution,
+reward) every few steps, for reading what the agents actually say.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, config: dict, *, enabled: bool, track: bool = False,
+                 wandb_project: str = "rema", wandb_entity: str | None = None, run_name: str = ""):
+        self.enabled = enabled
+        self.start = time.time()
+        self.wandb = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        self.transcripts_file = open(run_dir / "transcripts.jsonl", "a")
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer.add_text("config", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        with open(run_dir / "config.json", "w") as f:
+            json.dump(config, f, indent=2, default=str)
+        if track:
+            import wandb  # only needed with --track
+
+            self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, name=run_name, config=config,
+                                    dir=str(run_dir), resume="allow", id=run_name.replace("/", "_"))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        for name, value in metrics.items():
+            if math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+        row = {"step": step, "time": round(time.time() - self.start, 2), **metrics}
+        self.metrics_file.write(json.dumps(row) + "\n")  # NaN/inf are written as NaN/Infinity: visible, not hidden
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_transcripts(self, rows: list[dict], step: int) -> None:
+        if not self.enabled or not rows:
+            return
+        for row in rows:
+            self.transcripts_file.write(json.dumps({"step": step, **row}) + "\n")
+        self.transcripts_file.flush()
+        text = "\n\n---\n\n".join("\n\n".join(f"**{k}**: {v}" for k, v in row.items()) for row in rows)
+        self.writer.add_text("transcripts", text, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.metrics_file.close()
+        self.transcripts_file.close()
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
