@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 import tyro
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from utils import prompts
@@ -426,14 +426,37 @@ def main(args: Args) -> None:
         raise SystemExit(f"rema_single.py: the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} processes but "
                          f"accelerate sees {accelerator.num_processes}; launch with `accelerate launch --config_file ...`")
     validate(args, accelerator.num_processes)
+    for backend, kind in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true" and accelerator.distributed_type != kind:
+            raise SystemExit(f"rema_single.py: the accelerate config asks for {backend}, but accelerate runs "
+                             f"{accelerator.distributed_type} (it does not shard without CUDA devices); refusing to "
+                             f"run unsharded. On CPU use configs/cpu_2proc.yaml")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and len(AGENTS[args.mode]) * (args.param_mode == "full") > 1:
+        raise SystemExit("rema_single.py: under DeepSpeed one Accelerator prepares one model; ReMA with two full models "
+                         "needs --param_mode lora (one base, two adapters) or an FSDP config (configs/fsdp.yaml)")
+    mini_per_rank = (args.mini_batch_size or args.rollout_batch_size * args.num_generations) // accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.micro_batch_size < mini_per_rank:
+        raise SystemExit(f"rema_single.py: DeepSpeed steps its optimizer inside every backward, so gradient "
+                         f"accumulation over micro-batches does not apply: set --micro_batch_size {mini_per_rank} "
+                         f"(the per-process mini-batch) or lower --mini_batch_size")
     rank, world = accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
     run_dir = Path(args.output_dir) / args.exp_name
     if main_proc:
-        print(f"run directory: {run_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in asdict(args).items()))
+        print(f"{accelerator.distributed_type} over {world} process(es) on {accelerator.device}; run directory: {run_dir}\n" + "\n".join(f"  {k} = {v}" for k, v in asdict(args).items()))
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     gen_dtype = torch.bfloat16 if args.bf16 else None
     K = args.reas_samples_per_plan or args.num_generations
+    # FSDP / ZeRO-3 shard the weights: generation must then run in lock-step on every process
+    sharded = accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+    def shard(items: list) -> tuple[list, int]:
+        """This process's share of items, padded (by repeating its last item) to the same length on every process,
+        and how many of them are real."""
+        mine = items[rank::world]
+        size = math.ceil(len(items) / world)
+        return mine + [mine[-1] if mine else items[0]] * (size - len(mine)), len(mine)
 
     # ---- data ----
     train_set = load_examples(args.train_dataset, args.question_field, args.answer_field, args.train_split,
@@ -461,7 +484,7 @@ def main(args: Args) -> None:
         completions = generate(unwrapped(agent), tokenizer, prompt_ids, max_new_tokens=agent.max_completion_length,
                                temperature=temperature, top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
                                batch_size=args.generation_batch_size, autocast_dtype=gen_dtype,
-                               show_progress=main_proc, desc=desc)
+                               show_progress=main_proc, desc=desc, synced_gpus=sharded)
         return completions, [tokenizer.decode(c.ids, skip_special_tokens=True).strip() for c in completions]
 
     def render(messages):
@@ -513,7 +536,8 @@ def main(args: Args) -> None:
         rng.shuffle(pool)
         if args.filter_pool_size is not None:
             pool = pool[: args.filter_pool_size]
-        mine = [train_set[i] | {"index": i} for i in pool[rank::world]]
+        mine, n_real = shard([train_set[i] | {"index": i} for i in pool])
+        mine = [q | {"padding": j >= n_real} for j, q in enumerate(mine)]  # padding rows are scored, then dropped
         S = args.filter_num_samples
         kept, succ_all = mine, []  # without filtering every candidate is kept
         if args.filter:
@@ -539,8 +563,9 @@ def main(args: Args) -> None:
             _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q["question"])) for q in with_plans],
                               1.0, "D_l: plans")
             kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
+        kept = [q for q in kept if not q.pop("padding")]
         kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
-        succ_all = sum(gather_object([succ_all]), [])
+        succ_all = sum(gather_object([succ_all[:n_real]]), [])
         stats = {"filter/candidates": len(pool), "filter/kept": len({q["index"] for q in kept}), "filter/items": len(kept)}
         if succ_all:
             stats["filter/mean_succ"] = sum(succ_all) / len(succ_all)
@@ -550,7 +575,7 @@ def main(args: Args) -> None:
 
     # ---- EVALUATION: greedy pass@1 on the held-out set ----
     def evaluate() -> dict:
-        mine = eval_set[rank::world]
+        mine, n_real = shard(eval_set)
         questions = [q["question"] for q in mine]
         meta_leak = []
         if args.mode == "rema":
@@ -561,8 +586,8 @@ def main(args: Args) -> None:
         else:
             completions, sols = sample(agents["policy"], [render(single_agent_messages(q)) for q in questions], 0.0, "eval")
         correct = grader.grade(sols, [q["answer"] for q in mine])
-        rows = gather_object([(c, float(has_boxed(s)), len(x.ids)) for c, s, x in zip(correct, sols, completions)])
-        leaks = gather_object(meta_leak)
+        rows = gather_object([(c, float(has_boxed(s)), len(x.ids)) for c, s, x in zip(correct, sols, completions)][:n_real])
+        leaks = gather_object(meta_leak[:n_real])
         out = {"eval/accuracy": sum(r[0] for r in rows) / len(rows), "eval/boxed_ratio": sum(r[1] for r in rows) / len(rows),
                "eval/mean_length": sum(r[2] for r in rows) / len(rows)}
         if leaks:

@@ -113,15 +113,18 @@ def test_rema_switch_schedule_consistency_reward(tmp_path, tiny_model):
 
 def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "cpu_2proc.yaml")]
-    run_dir = run(tmp_path, tiny_model, "--param_mode", "lora", launcher=launcher)
+    # 7 candidates and 5 eval questions over 2 processes: uneven shares are padded, and the padding dropped
+    run_dir = run(tmp_path, tiny_model, "--param_mode", "lora", "--filter_pool_size", "7", "--eval_limit", "5",
+                  launcher=launcher)
     assert_finite_training_metrics(metrics(run_dir), {"meta", "reas"})
     ckpt = find_checkpoint(run_dir)
     assert lora_b_norms(ckpt, "meta_thinking") > 0 and lora_b_norms(ckpt, "reasoning") > 0
     assert len(list((ckpt / "accelerate_state").glob("random_states_*.pkl"))) == 2  # both ranks' RNG states
     log = (run_dir / "config.json").read_text()
     assert '"rollout_batch_size": 4' in log
-    # the kept items were gathered from both ranks: the filter saw all 8 candidates
-    assert any(r.get("filter/candidates") == 8 for r in metrics(run_dir))
+    # the kept items were gathered from both ranks, without the padding copy: 7 questions x 1 plan
+    filters = [r for r in metrics(run_dir) if "filter/items" in r]
+    assert filters and all(r["filter/candidates"] == 7 and r["filter/items"] == 7 for r in filters)
 
 
 def test_bad_data_row_stops_before_training(tmp_path, tiny_model):

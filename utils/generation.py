@@ -40,12 +40,17 @@ def generate(
     autocast_dtype: torch.dtype | None = None,
     show_progress: bool = False,
     desc: str = "generate",
+    synced_gpus: bool = False,
 ) -> list[Completion]:
     """Sample one completion per prompt with HF `generate` (temperature 0 means greedy).
 
     Prompts are sorted by length and cut into batches of `batch_size` to limit padding, left-padded (HF derives
     position ids from the attention mask, so padded and unpadded prompts give the same tokens), and the results
-    are returned in the input order."""
+    are returned in the input order.
+
+    With sharded weights (FSDP, ZeRO-3) every forward pass all-gathers parameters, so every process must run the
+    same number of forward passes: pass `synced_gpus=True` (HF keeps finished processes stepping) and give every
+    process the same number of prompts (hence of batches)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -68,6 +73,7 @@ def generate(
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                synced_gpus=synced_gpus,
                 **sampling,
             )  # (b, P + new)
         for row, i in enumerate(batch):
