@@ -29,7 +29,6 @@ Departures from the paper / official code, all deliberate:
 """
 
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -39,16 +38,17 @@ from typing import Literal
 
 import torch
 import tyro
-from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object
 from tqdm.auto import tqdm
 
 from utils import prompts
 from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from utils.data import ArithmeticConfig, DataError, load_examples
+from utils.batch import collate, select
+from utils.distributed import make_accelerator, shard, weights_are_sharded
 from utils.generation import Completion, generate
 from utils.grading import Grader, extract_boxed, has_boxed
-from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
+from utils.models import Agent, build_agents, end_of_turn_ids, load_tokenizer, resolve_model
 from utils.tracking import RunLogger
 
 AGENTS = {"rema": ["meta_thinking", "reasoning"], "vrp": ["policy"], "mrp": ["policy"]}
@@ -187,43 +187,8 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tensors from token ids
+# Log-probabilities of the sampled tokens
 # ----------------------------------------------------------------------------------------------------------------
-def collate(prompt_ids: list[list[int]], completions: list[Completion], pad_id: int, device) -> dict:
-    """[prompt, left-padded | completion, right-padded] batch; masks come from lengths, never from pad ids."""
-    P = max(len(p) for p in prompt_ids)
-    C = max(len(c.ids) for c in completions)
-    N = len(prompt_ids)
-    input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)  # (N, P+C)
-    attention_mask = torch.zeros(N, P + C, dtype=torch.long)  # (N, P+C)
-    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
-        input_ids[i, P - len(p) : P] = torch.tensor(p)
-        input_ids[i, P : P + len(c.ids)] = torch.tensor(c.ids)
-        attention_mask[i, P - len(p) : P + len(c.ids)] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P+C): left padding shifts positions
-    batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 completion_ids=input_ids[:, P:], completion_mask=attention_mask[:, P:].float())  # (N, C)
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def select(batch: dict, idx: torch.Tensor) -> dict:
-    """Rows idx of a collated batch, with columns that are padding in every selected row cut off."""
-    sub = {k: v[idx] for k, v in batch.items()}
-    C = sub["completion_ids"].shape[1]
-    P = sub["input_ids"].shape[1] - C
-    used = sub["attention_mask"].bool()
-    first = int(used[:, :P].any(0).long().argmax()) if P > 0 else 0
-    last_c = int(sub["completion_mask"].sum(-1).max())
-    cols = slice(first, P + last_c)
-    out = {k: sub[k][:, cols] for k in ("input_ids", "attention_mask", "position_ids")}
-    out.update({k: sub[k][:, :last_c] for k in ("completion_ids", "completion_mask")})
-    out.update({k: v for k, v in sub.items() if k not in out})  # per-token tensors that travel with the batch
-    for k in ("advantages", "old_logp", "ref_logp"):
-        if k in out:
-            out[k] = out[k][:, :last_c]
-    return out
-
-
 def completion_logprobs(model, batch: dict, temperature: float, autocast, with_entropy: bool = False):
     """log pi(y_t | x, y_<t) of the sampled tokens: (N, C), and the entropy of pi at each position if asked."""
     C = batch["completion_ids"].shape[1]
@@ -347,18 +312,8 @@ def aggregate(token_values, mask, loss_type, norm) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # Setup
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Agent:
-    name: str  # meta_thinking | reasoning | policy
-    model: torch.nn.Module  # prepared (possibly DDP / FSDP wrapped)
-    optimizer: torch.optim.Optimizer
-    params: list  # the parameters this agent trains
-    max_completion_length: int
-    adapter: str | None = None  # LoRA: the adapter of this agent on the shared base
-    ref_model: torch.nn.Module | None = None  # full mode with beta > 0: a frozen copy of the initial model
-
-
-def validate(args: Args, world_size: int) -> None:
+def validate(args: Args, accelerator) -> None:
+    world_size = accelerator.num_processes
     def need(ok: bool, msg: str):
         if not ok:
             raise SystemExit(f"rema_single.py: {msg}")
@@ -382,63 +337,19 @@ def validate(args: Args, world_size: int) -> None:
              f"({args.rollout_batch_size * args.num_generations}) and be a multiple of the number of processes")
     need(args.micro_batch_size >= 1, "--micro_batch_size must be >= 1")
     need(per_rank >= 1, "no sequences per process: raise --rollout_batch_size")
-
-
-def build_agents(args: Args, accelerator: Accelerator, path: str) -> dict[str, Agent]:
-    names = AGENTS[args.mode]
-    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
-               "policy": args.reas_max_completion_length}
-    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
-    set_seed(args.seed)  # identical initial weights (LoRA init) on every process
-    if args.param_mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(load_model(path, gradient_checkpointing=args.gradient_checkpointing), config, adapter_name=names[0])
-        for name in names[1:]:
-            model.add_adapter(name, config)
-        params = {n: [p for k, p in model.named_parameters() if f".{n}." in k] for n in names}
-        for ps in params.values():
-            for p in ps:
-                p.requires_grad_(True)
-        optimizers = [torch.optim.AdamW(params[n], **adam) for n in names]
-        model, *optimizers = accelerator.prepare(model, *optimizers)
-        # the reference policy is the base model with the adapters switched off: no extra copy
-        return {n: Agent(n, model, opt, params[n], lengths[n], adapter=n) for n, opt in zip(names, optimizers)}
-    agents = {}
-    for n in names:
-        model = load_model(path, gradient_checkpointing=args.gradient_checkpointing)
-        optimizer = torch.optim.AdamW(model.parameters(), **adam)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        ref = None
-        if args.beta > 0:
-            ref = load_model(path).to(accelerator.device).eval().requires_grad_(False)
-        agents[n] = Agent(n, model, optimizer, list(model.parameters()), lengths[n], ref_model=ref)
-    return agents
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        need(args.mode != "rema" or args.param_mode == "lora",
+             "under DeepSpeed one Accelerator prepares one model; ReMA with two full models needs --param_mode lora "
+             "(one base, two adapters) or an FSDP config (configs/fsdp.yaml)")
+        mini_per_rank = (args.mini_batch_size or args.rollout_batch_size * args.num_generations) // world_size
+        need(args.micro_batch_size >= mini_per_rank,
+             f"DeepSpeed steps its optimizer inside every backward, so gradient accumulation over micro-batches does "
+             f"not apply: set --micro_batch_size {mini_per_rank} (the per-process mini-batch) or lower --mini_batch_size")
 
 
 def main(args: Args) -> None:
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.param_mode == "lora")  # the idle adapter gets no grad
-    # without CUDA, ask for the CPU (gloo) backend: otherwise each launched process would run alone
-    accelerator = Accelerator(kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
-    if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
-        raise SystemExit(f"rema_single.py: the launcher started WORLD_SIZE={os.environ['WORLD_SIZE']} processes but "
-                         f"accelerate sees {accelerator.num_processes}; launch with `accelerate launch --config_file ...`")
-    validate(args, accelerator.num_processes)
-    for backend, kind in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
-        if os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true" and accelerator.distributed_type != kind:
-            raise SystemExit(f"rema_single.py: the accelerate config asks for {backend}, but accelerate runs "
-                             f"{accelerator.distributed_type} (it does not shard without CUDA devices); refusing to "
-                             f"run unsharded. On CPU use configs/cpu_2proc.yaml")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and len(AGENTS[args.mode]) * (args.param_mode == "full") > 1:
-        raise SystemExit("rema_single.py: under DeepSpeed one Accelerator prepares one model; ReMA with two full models "
-                         "needs --param_mode lora (one base, two adapters) or an FSDP config (configs/fsdp.yaml)")
-    mini_per_rank = (args.mini_batch_size or args.rollout_batch_size * args.num_generations) // accelerator.num_processes
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and args.micro_batch_size < mini_per_rank:
-        raise SystemExit(f"rema_single.py: DeepSpeed steps its optimizer inside every backward, so gradient "
-                         f"accumulation over micro-batches does not apply: set --micro_batch_size {mini_per_rank} "
-                         f"(the per-process mini-batch) or lower --mini_batch_size")
+    accelerator = make_accelerator(find_unused_parameters=args.param_mode == "lora")  # the idle adapter gets no grad
+    validate(args, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     main_proc = accelerator.is_main_process
     run_dir = Path(args.output_dir) / args.exp_name
@@ -447,16 +358,7 @@ def main(args: Args) -> None:
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     gen_dtype = torch.bfloat16 if args.bf16 else None
     K = args.reas_samples_per_plan or args.num_generations
-    # FSDP / ZeRO-3 shard the weights: generation must then run in lock-step on every process
-    sharded = accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
-
-    def shard(items: list) -> tuple[list, int]:
-        """This process's share of items, padded (by repeating its last item) to the same length on every process,
-        and how many of them are real."""
-        mine = items[rank::world]
-        size = math.ceil(len(items) / world)
-        return mine + [mine[-1] if mine else items[0]] * (size - len(mine)), len(mine)
+    sharded = weights_are_sharded(accelerator)  # FSDP / ZeRO-3: generation must run in lock-step on every process
 
     # ---- data ----
     train_set = load_examples(args.train_dataset, args.question_field, args.answer_field, args.train_split,
@@ -469,7 +371,7 @@ def main(args: Args) -> None:
         path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     stop_ids = end_of_turn_ids(tokenizer)
-    agents = build_agents(args, accelerator, path)
+    agents = build_agents(args, accelerator, path, AGENTS[args.mode])
     grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
     logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
                        wandb_entity=args.wandb_entity, run_name=args.exp_name)
@@ -536,7 +438,7 @@ def main(args: Args) -> None:
         rng.shuffle(pool)
         if args.filter_pool_size is not None:
             pool = pool[: args.filter_pool_size]
-        mine, n_real = shard([train_set[i] | {"index": i} for i in pool])
+        mine, n_real = shard([train_set[i] | {"index": i} for i in pool], rank, world)
         mine = [q | {"padding": j >= n_real} for j, q in enumerate(mine)]  # padding rows are scored, then dropped
         S = args.filter_num_samples
         kept, succ_all = mine, []  # without filtering every candidate is kept
@@ -575,7 +477,7 @@ def main(args: Args) -> None:
 
     # ---- EVALUATION: greedy pass@1 on the held-out set ----
     def evaluate() -> dict:
-        mine, n_real = shard(eval_set)
+        mine, n_real = shard(eval_set, rank, world)
         questions = [q["question"] for q in mine]
         meta_leak = []
         if args.mode == "rema":

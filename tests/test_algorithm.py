@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import rema_single as rs
+from utils.batch import collate, select
+from utils.distributed import shard
 from utils.generation import Completion
 
 
@@ -158,7 +160,7 @@ def test_schedule_phases():
 # ---- tensors from token ids ----
 def test_collate_masks_come_from_lengths_not_pad_ids():
     eos = pad = 2  # SmolLM2: the pad token is the end-of-turn token
-    batch = rs.collate([[5, 6, 7], [8]], [Completion([9, eos], False), Completion([10, 11, 12], True)], pad, "cpu")
+    batch = collate([[5, 6, 7], [8]], [Completion([9, eos], False), Completion([10, 11, 12], True)], pad, "cpu")
     assert batch["input_ids"].tolist() == [[5, 6, 7, 9, eos, pad], [pad, pad, 8, 10, 11, 12]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
@@ -167,13 +169,13 @@ def test_collate_masks_come_from_lengths_not_pad_ids():
 
 
 def test_select_trims_padding_columns():
-    batch = rs.collate([[5, 6, 7], [8]], [Completion([9, 2], False), Completion([10, 11, 12], True)], 2, "cpu")
+    batch = collate([[5, 6, 7], [8]], [Completion([9, 2], False), Completion([10, 11, 12], True)], 2, "cpu")
     batch["advantages"] = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]])
-    sub = rs.select(batch, torch.tensor([0]))
+    sub = select(batch, torch.tensor([0]))
     assert sub["input_ids"].tolist() == [[5, 6, 7, 9, 2]]  # the completion column only row 1 used is cut
     assert sub["completion_mask"].tolist() == [[1, 1]]
     assert sub["advantages"].tolist() == [[1.0, 2.0]]
-    sub = rs.select(batch, torch.tensor([1]))
+    sub = select(batch, torch.tensor([1]))
     assert sub["input_ids"].tolist() == [[8, 10, 11, 12]]  # leading prompt padding is cut
     assert sub["position_ids"].tolist() == [[0, 1, 2, 3]]
 
@@ -185,7 +187,7 @@ def test_completion_logprobs_match_a_plain_forward(tiny_model):
     model = load_model(str(tiny_model)).eval()
     prompts_ = [[11, 12, 13, 14], [21, 22]]
     completions = [Completion([31, 32], False), Completion([41, 42, 43], True)]
-    batch = rs.collate(prompts_, completions, 2, "cpu")
+    batch = collate(prompts_, completions, 2, "cpu")
     with torch.no_grad():
         logp, entropy = rs.completion_logprobs(model, batch, 1.0, torch.autocast("cpu", enabled=False), with_entropy=True)
         for i, (p, c) in enumerate(zip(prompts_, completions)):
@@ -212,11 +214,29 @@ def test_generate_left_padding_does_not_change_greedy_output(tiny_model):
     assert len(alone.ids) <= 6
 
 
+class FakeAccelerator:
+    def __init__(self, num_processes=1, distributed_type="NO"):
+        self.num_processes, self.distributed_type = num_processes, distributed_type
+
+
 def test_validate_rejects_bad_combinations():
+    from accelerate.utils import DistributedType
+
     with pytest.raises(SystemExit, match="multiple of the number of processes"):
-        rs.validate(rs.Args(rollout_batch_size=3), world_size=2)
+        rs.validate(rs.Args(rollout_batch_size=3), FakeAccelerator(2))
     with pytest.raises(SystemExit, match="--no-filter"):
-        rs.validate(rs.Args(schedule="switch"), world_size=1)
+        rs.validate(rs.Args(schedule="switch"), FakeAccelerator())
     with pytest.raises(SystemExit, match="num_generations >= 2"):
-        rs.validate(rs.Args(advantage_estimator="grpo", num_generations=1), world_size=1)
-    rs.validate(rs.Args(), world_size=1)  # the defaults are valid
+        rs.validate(rs.Args(advantage_estimator="grpo", num_generations=1), FakeAccelerator())
+    with pytest.raises(SystemExit, match="--param_mode lora"):
+        rs.validate(rs.Args(param_mode="full"), FakeAccelerator(2, DistributedType.DEEPSPEED))
+    with pytest.raises(SystemExit, match="--micro_batch_size 16"):  # 8 prompts x 4 samples / 2 processes
+        rs.validate(rs.Args(param_mode="lora", micro_batch_size=8), FakeAccelerator(2, DistributedType.DEEPSPEED))
+    rs.validate(rs.Args(), FakeAccelerator())  # the defaults are valid
+
+
+def test_shard_pads_uneven_shares():
+    # 5 items over 2 processes: rank 0 gets 0, 2, 4; rank 1 gets 1, 3 and a copy of 3 as padding
+    assert shard([0, 1, 2, 3, 4], 0, 2) == ([0, 2, 4], 3)
+    assert shard([0, 1, 2, 3, 4], 1, 2) == ([1, 3, 3], 2)
+    assert shard([7], 1, 2) == ([7], 0)  # nothing real on rank 1: it still runs one (discarded) item

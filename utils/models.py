@@ -13,7 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
+from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 EMBEDDED_MODELS = {
@@ -105,3 +108,49 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, gradient_checkpoin
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is switched back on per call in generation
     return model
+
+
+@dataclass
+class Agent:
+    name: str  # meta_thinking | reasoning | policy
+    model: torch.nn.Module  # prepared (possibly DDP / FSDP wrapped)
+    optimizer: torch.optim.Optimizer
+    params: list  # the parameters this agent trains
+    max_completion_length: int
+    adapter: str | None = None  # LoRA: the adapter of this agent on the shared base
+    ref_model: torch.nn.Module | None = None  # full mode with beta > 0: a frozen copy of the initial model
+
+
+def build_agents(args, accelerator, path: str, names: list[str]) -> dict[str, Agent]:
+    """One Agent per name, with its own trainable parameters and optimizer (separate parameters, paper Sec. 3.2.1):
+    full copies of the model, or LoRA adapters on one frozen base (`args.param_mode`), prepared by accelerate."""
+    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
+               "policy": args.reas_max_completion_length}
+    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
+    set_seed(args.seed)  # identical initial weights (LoRA init) on every process
+    if args.param_mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                            target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(load_model(path, gradient_checkpointing=args.gradient_checkpointing), config, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, config)
+        params = {n: [p for k, p in model.named_parameters() if f".{n}." in k] for n in names}
+        for ps in params.values():
+            for p in ps:
+                p.requires_grad_(True)
+        optimizers = [torch.optim.AdamW(params[n], **adam) for n in names]
+        model, *optimizers = accelerator.prepare(model, *optimizers)
+        # the reference policy is the base model with the adapters switched off: no extra copy
+        return {n: Agent(n, model, opt, params[n], lengths[n], adapter=n) for n, opt in zip(names, optimizers)}
+    agents = {}
+    for n in names:
+        model = load_model(path, gradient_checkpointing=args.gradient_checkpointing)
+        optimizer = torch.optim.AdamW(model.parameters(), **adam)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ref = None
+        if args.beta > 0:
+            ref = load_model(path).to(accelerator.device).eval().requires_grad_(False)
+        agents[n] = Agent(n, model, optimizer, list(model.parameters()), lengths[n], ref_model=ref)
+    return agents
