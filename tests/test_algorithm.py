@@ -240,3 +240,22 @@ def test_shard_pads_uneven_shares():
     assert shard([0, 1, 2, 3, 4], 0, 2) == ([0, 2, 4], 3)
     assert shard([0, 1, 2, 3, 4], 1, 2) == ([1, 3, 3], 2)
     assert shard([7], 1, 2) == ([7], 0)  # nothing real on rank 1: it still runs one (discarded) item
+
+
+@pytest.mark.parametrize("param_mode", ["full", "lora"])
+def test_reference_model_only_when_beta_positive(tiny_model, param_mode):
+    """beta = 0 loads no reference model; with LoRA the reference is the base with adapters off, never a copy."""
+    from accelerate import Accelerator
+
+    from utils.models import build_agents
+
+    names = ["meta_thinking", "reasoning"]
+    for beta in (0.0, 0.1):
+        args = rs.Args(param_mode=param_mode, beta=beta, gradient_checkpointing=False)
+        agents = build_agents(args, Accelerator(cpu=True), str(tiny_model), names)
+        assert set(agents) == set(names)
+        has_copy = [a.ref_model is not None for a in agents.values()]
+        assert has_copy == [beta > 0 and param_mode == "full"] * 2
+        # separate parameters: the two agents train disjoint parameter sets
+        ids = [{id(p) for p in a.params} for a in agents.values()]
+        assert ids[0] and ids[1] and not ids[0] & ids[1]
