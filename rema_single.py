@@ -19,7 +19,8 @@ Departures from the paper / official code, all deliberate:
  1. The paper's single-turn code (OpenRLHF) is not public; REINFORCE++ follows OpenRLHF's estimator as spec 2.1 infers it.
  2. The RA prompt says \\boxed{} (paper App. G), not the official code's literal \\boxed{{}}.
  3. The MTA leak penalty is added to R_h (the paper does not say added or replaced); R_h averages
-    `reas_samples_per_plan` RA samples per plan (the paper does not give the number; default: num_generations).
+    `reas_samples_per_plan` RA samples per plan (the paper does not give the number; spec 2.1 assumes the rollout's
+    4 samples, which `--reas_samples_per_plan None` gives; the CPU default is 2).
  4. With GRPO / RLOO the KL term (if beta > 0) is a k3 penalty in the loss (as in TRL), not in the reward.
  5. The official schedule (`--schedule switch`: switch the trained agent every `switch_freq` steps) starts a
     fresh block every switch_freq steps from step 0, without the official code's 9-step first block.
@@ -38,7 +39,7 @@ from typing import Literal
 
 import torch
 import tyro
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from utils import prompts
@@ -61,11 +62,15 @@ class Args:
     exp_name: str = "rema_single"
     """run name; the run directory is `{output_dir}/{exp_name}`"""
     output_dir: str = "runs"
+    """parent directory of run directories"""
     seed: int = 1
+    """seeds the data order, sampling and initialisation (each process adds its rank for sampling)"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard and metrics.jsonl"""
     wandb_project: str = "rema"
+    """W&B project (with --track)"""
     wandb_entity: str | None = None
+    """W&B entity (with --track)"""
     resume: str | None = None
     """a run directory (resumes from its latest checkpoint) or a checkpoint directory"""
 
@@ -107,9 +112,13 @@ class Args:
     eval_dataset: str = "arithmetic"
     """held-out set; 'arithmetic' uses its test split, disjoint from the train split"""
     question_field: str = "question"
+    """field of a data row that holds the question"""
     answer_field: str = "answer"
+    """field of a data row that holds the short gold answer"""
     train_split: str = "train"
+    """split of a hub dataset (or of arithmetic) to train on"""
     eval_split: str = "test"
+    """split of a hub dataset (or of arithmetic) to evaluate on"""
     eval_limit: int | None = 100
     """evaluate on the first eval_limit rows (None: all)"""
     arithmetic: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(max_operand=20, num_operands=2, operations="+", train_size=1000, test_size=100))
@@ -125,6 +134,7 @@ class Args:
     temperature: float = 1.0
     """rollout sampling temperature (paper 1.0); evaluation is greedy"""
     top_p: float = 1.0
+    """nucleus sampling for rollouts (paper 1.0)"""
     top_k: int = 0
     """0 disables top-k (paper: -1 in vLLM terms)"""
     meta_max_completion_length: int = 64
@@ -144,9 +154,13 @@ class Args:
     learning_rate: float = 2e-5
     """Adam learning rate (paper 5e-7 for full fine-tuning at 7-8B; 2e-5 suits full fine-tuning of the 135M default)"""
     weight_decay: float = 0.0
+    """AdamW weight decay (paper: Adam, none)"""
     adam_beta1: float = 0.9
+    """Adam beta1"""
     adam_beta2: float = 0.999
+    """Adam beta2"""
     max_grad_norm: float = 1.0
+    """gradient clipping by global norm"""
     epsilon: float = 0.2
     """PPO clip range (paper 0.2)"""
     epsilon_high: float | None = None
@@ -166,24 +180,33 @@ class Args:
     param_mode: Literal["full", "lora"] = "full"
     """separate parameters as full copies of the model (paper), or one frozen base with one LoRA adapter per agent (raise --learning_rate to ~1e-4 for LoRA)"""
     lora_r: int = 32
+    """LoRA rank (--param_mode lora)"""
     lora_alpha: int = 64
+    """LoRA scaling alpha (--param_mode lora)"""
     lora_dropout: float = 0.0
+    """LoRA dropout (--param_mode lora)"""
     lora_target_modules: str = "all-linear"
+    """modules that get LoRA adapters (peft target_modules)"""
     bf16: bool = True
     """bfloat16 autocast for forward passes and generation (weights and optimizer stay float32)"""
     gradient_checkpointing: bool = True
+    """recompute activations in the backward pass to save memory"""
 
     # ---- logging / checkpoints ----
     eval_every: int = 10
     """greedy held-out evaluation every eval_every steps (and at the start and end); 0: start and end only"""
     transcripts_every: int = 10
+    """write full rollouts (question, plan, solution, reward) to transcripts.jsonl every N steps; 0: never"""
     num_transcripts: int = 4
+    """rollouts per transcript dump"""
     save_every: int = 50
     """checkpoint every save_every steps and at the end; 0: only at the end"""
     keep_checkpoints: int = 2
+    """complete checkpoints kept on disk (older ones are deleted)"""
     grading_timeout: float = 10.0
     """hard time limit per answer for math-verify; a timeout scores as wrong"""
     grading_workers: int = 2
+    """math-verify worker processes per training process"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +394,8 @@ def main(args: Args) -> None:
         path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     stop_ids = end_of_turn_ids(tokenizer)
-    agents = build_agents(args, accelerator, path, AGENTS[args.mode])
+    agents = build_agents(args, accelerator, path, AGENTS[args.mode])  # same initial weights on every process
+    set_seed(args.seed, device_specific=True)  # then a different sampling stream per process (seed + rank)
     grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
     logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
                        wandb_entity=args.wandb_entity, run_name=args.exp_name)
