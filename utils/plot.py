@@ -31,8 +31,9 @@ def main() -> None:
         for prefix in ("meta", "reas", "policy"):
             points = [r for r in rows if f"{prefix}/reward" in r]
             if points:
-                ax_reward.plot([r["time"] / 60 for r in points], [r[f"{prefix}/reward"] for r in points], ".-",
-                               label=f"{run_dir.name} {prefix}/reward", alpha=0.8)
+                # markers only: an agent trains in phases, and a line would bridge the phases it sat out
+                ax_reward.plot([r["time"] / 60 for r in points], [r[f"{prefix}/reward"] for r in points], "o",
+                               markersize=3, label=f"{run_dir.name} {prefix}/reward", alpha=0.8)
     ax_eval.set(xlabel="wall-clock minutes", ylabel="held-out accuracy, greedy (%)", title="eval/accuracy")
     ax_reward.set(xlabel="wall-clock minutes", ylabel="mean reward of the step", title="training reward per agent")
     for ax in (ax_eval, ax_reward):
