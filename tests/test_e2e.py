@@ -136,3 +136,11 @@ def test_bad_data_row_stops_before_training(tmp_path, tiny_model):
     assert proc.returncode != 0
     assert "bad.jsonl" in proc.stderr and "line 2" in proc.stderr and "answer" in proc.stderr
     assert not (tmp_path / "rema_single" / "metrics.jsonl").exists()
+
+
+def test_track_logs_to_weights_and_biases_offline(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B writes its run locally: no network, no account
+    run_dir = run(tmp_path, tiny_model, "--mode", "vrp", "--track", "--num_update_iterations", "1")
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    assert any(f.stat().st_size > 0 for f in offline_runs[0].glob("*.wandb"))
