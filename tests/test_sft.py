@@ -1,0 +1,105 @@
+"""sft.py: conversations and labels built by hand-checkable rules, and the script run end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import sft
+from utils import prompts
+from utils.models import end_of_turn_ids, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+META_ROW = {"system": "You are a meta-think agent that represents human high-level think process, e.g. \n",
+            "history": [["What is 2 + 3?", "Let us add."], ["5", "Check it."]],
+            "instruction": "5 again", "input": None, "output": "Confirmed. [FINISH]"}
+REAS_ROW = {"system": prompts.MULTITURN_REAS_SYSTEM, "history": [["Question:\nWhat is 2 + 3?\n\nInstruction:\nLet us add.", "5"]],
+            "instruction": "Check it.", "input": "", "output": "5 again, so \\boxed{5}. [FINISH]"}
+
+
+def test_conversation_from_alpaca_row_and_system_prompt_choice():
+    messages = sft.conversation(META_ROW, "data")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert messages[2]["content"] == "Let us add." and messages[-1]["content"] == "Confirmed. [FINISH]"
+    assert messages[0]["content"] == META_ROW["system"]
+    assert sft.conversation(META_ROW, "rl")[0]["content"] == prompts.MULTITURN_META_SYSTEM  # spec 8, item 9
+    assert sft.conversation(REAS_ROW, "rl")[0]["content"] == REAS_ROW["system"]  # the RA prompt is the same in both
+    assert sft.conversation(dict(META_ROW, input="extra"), "data")[-2]["content"] == "5 again\nextra"
+
+
+def test_labels_cover_exactly_the_assistant_turns(tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))
+    stop = set(end_of_turn_ids(tokenizer))
+    messages = sft.conversation(META_ROW, "data")
+    ids, labels = sft.encode(tokenizer, messages, stop, 10_000)
+    assert len(ids) == len(labels)
+    spans, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            assert label == token  # labels are the tokens themselves (the shift happens in the loss)
+            current.append(label)
+        elif current:
+            spans.append(current)
+            current = []
+    spans += [current] if current else []
+    # one span per assistant message: its content and the end-of-turn token, not the newline after it
+    assert [tokenizer.decode(s) for s in spans] == ["Let us add.<|im_end|>", "Check it.<|im_end|>",
+                                                   "Confirmed. [FINISH]<|im_end|>"]
+    # the whole sequence is the chat template's rendering of the conversation
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False)
+    short_ids, short_labels = sft.encode(tokenizer, messages, stop, 20)
+    assert len(short_ids) == len(short_labels) == 20
+
+
+def write_rows(path: Path, row: dict, n: int) -> Path:
+    path.write_text("".join(json.dumps(dict(row, output=f"{row['output']} {i}")) + "\n" for i in range(n)))
+    return path
+
+
+def run_sft(tmp_path: Path, model: Path, *extra: str, launcher=None) -> Path:
+    meta = write_rows(tmp_path / "meta.jsonl", META_ROW, 4)
+    reas = write_rows(tmp_path / "reas.jsonl", REAS_ROW, 4)
+    out = tmp_path / "sft"
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "sft.py"), "--model", str(model), "--datasets", str(meta), str(reas),
+                                            "--output_dir", str(out), "--batch_size", "4", "--micro_batch_size", "2",
+                                            "--num_train_epochs", "3", "--learning_rate", "3e-3", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return out
+
+
+def check_trained(out: Path, initial: Path) -> None:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6  # 8 conversations / batch 4 = 2 steps per epoch, 3 epochs
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    first, last = [r["sft/loss"] for r in rows[:2]], [r["sft/loss"] for r in rows[-2:]]
+    assert sum(last) < sum(first), f"loss did not fall: {first} -> {last}"
+    assert rows[-1]["sft/learning_rate"] < rows[0]["sft/learning_rate"]  # cosine decay
+    before, after = load_file(initial / "model.safetensors"), load_file(out / "model" / "model.safetensors")
+    assert sum(not torch.equal(before[k], after[k]) for k in after if k in before) > 0
+    assert (out / "model" / "tokenizer_config.json").exists()
+
+
+def test_sft_end_to_end(tmp_path, tiny_model):
+    check_trained(run_sft(tmp_path, tiny_model, "--system_prompt", "rl"), tiny_model)
+
+
+def test_sft_two_cpu_processes(tmp_path, tiny_model):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "cpu_2proc.yaml")]
+    check_trained(run_sft(tmp_path, tiny_model, launcher=launcher), tiny_model)
+
+
+def test_sft_bad_row_names_file_line_and_field(tmp_path, tiny_model):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(META_ROW) + "\n" + json.dumps({"instruction": "x", "history": []}) + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(tiny_model), "--datasets", str(bad),
+                           "--output_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0
+    assert "bad.jsonl line 2" in proc.stderr and "'output'" in proc.stderr
