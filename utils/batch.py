@@ -34,11 +34,6 @@ def select(batch: dict, idx: torch.Tensor) -> dict:
     used = sub["attention_mask"].bool()
     first = int(used[:, :P].any(0).long().argmax()) if P > 0 else 0
     last_c = int(sub["completion_mask"].sum(-1).max())
-    cols = slice(first, P + last_c)
-    out = {k: sub[k][:, cols] for k in ("input_ids", "attention_mask", "position_ids")}
-    out.update({k: sub[k][:, :last_c] for k in ("completion_ids", "completion_mask")})
-    out.update({k: v for k, v in sub.items() if k not in out})  # per-token tensors that travel with the batch
-    for k in ("advantages", "old_logp", "ref_logp"):
-        if k in out:
-            out[k] = out[k][:, :last_c]
-    return out
+    # prompt + completion tensors lose leading and trailing padding; every other tensor is per completion token (N, C)
+    full = ("input_ids", "attention_mask", "position_ids")
+    return {k: v[:, first : P + last_c] if k in full else v[:, :last_c] for k, v in sub.items()}

@@ -54,6 +54,7 @@ def generate(
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    stop_set = set(stop_ids)
     results: list[Completion | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
@@ -77,6 +78,6 @@ def generate(
                 **sampling,
             )  # (b, P + new)
         for row, i in enumerate(batch):
-            results[i] = _cut(out[row, input_ids.shape[1] :].tolist(), set(stop_ids))
+            results[i] = _cut(out[row, input_ids.shape[1] :].tolist(), stop_set)
     model.train(was_training)
     return results
