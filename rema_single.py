@@ -394,7 +394,9 @@ def main(args: Args) -> None:
         path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     stop_ids = end_of_turn_ids(tokenizer)
-    agents = build_agents(args, accelerator, path, AGENTS[args.mode])  # same initial weights on every process
+    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
+               "policy": args.reas_max_completion_length}
+    agents = build_agents(args, accelerator, path, {n: lengths[n] for n in AGENTS[args.mode]}, reference=args.beta > 0)
     set_seed(args.seed, device_specific=True)  # then a different sampling stream per process (seed + rank)
     grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
     logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
@@ -524,7 +526,7 @@ def main(args: Args) -> None:
     def train_step(agent: Agent, rollout: dict, G: int) -> dict:
         model = unwrapped(agent)
         device = accelerator.device
-        batch = collate(rollout["prompt_ids"], rollout["completions"], tokenizer.pad_token_id, device)
+        batch = collate(rollout["prompt_ids"], [c.ids for c in rollout["completions"]], tokenizer.pad_token_id, device)
         mask = batch["completion_mask"]  # (N, C)
         N = mask.shape[0]
         rewards = torch.tensor(rollout["rewards"], dtype=torch.float32, device=device)  # (N,)

@@ -15,12 +15,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_tiny_model(out_dir: Path, seed: int = 0, sft_steps: int = 40) -> Path:
+def single_turn_example(rng, tokenizer) -> tuple[list[dict], str]:
+    """A chat-templated a + b prompt of one of the single-turn modes and a `\\boxed{a+b}` reply."""
+    from utils import prompts
+
+    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    question = f"What is {a} + {b}?"
+    messages = rng.choice([prompts.vrp_messages(question), prompts.mrp_messages(question),
+                           prompts.meta_messages(question), prompts.reas_messages(question, "Add.")])
+    return messages, f"\\boxed{{{a + b}}}"
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0, sft_steps: int = 40, example=single_turn_example) -> Path:
     """2 layers, hidden 64: builds in well under a second and trains a step in under half a second.
 
     A random model never writes `\\boxed{`, so every reward would be -1 and every advantage 0. A few seconds of
-    supervised training on `\\boxed{a+b}` replies (after the chat-templated prompts of every mode) give it a
-    mixture of right, wrong-but-boxed and malformed answers: rewards vary, so RL has a gradient to follow."""
+    supervised training on `example` rows (by default `\\boxed{a+b}` replies after the chat-templated prompts of
+    every single-turn mode) give it a mixture of right, wrong-but-boxed and malformed answers: rewards vary, so RL
+    has a gradient to follow."""
     import random
 
     import torch
@@ -41,12 +53,9 @@ def build_tiny_model(out_dir: Path, seed: int = 0, sft_steps: int = 40) -> Path:
     for _ in range(sft_steps):
         rows = []
         for _ in range(16):
-            a, b = rng.randint(1, 20), rng.randint(1, 20)
-            question = f"What is {a} + {b}?"
-            messages = rng.choice([prompts.vrp_messages(question), prompts.mrp_messages(question),
-                                   prompts.meta_messages(question), prompts.reas_messages(question, "Add.")])
+            messages, text = example(rng, tokenizer)
             prompt = prompts.render(tokenizer, messages)
-            reply = tokenizer(f"\\boxed{{{a + b}}}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            reply = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             rows.append((prompt, reply))
         # left-pad so every reply ends at the last position: only the reply positions need (49k-wide) logits
         width = max(len(p) + len(r) for p, r in rows)

@@ -160,7 +160,7 @@ def test_schedule_phases():
 # ---- tensors from token ids ----
 def test_collate_masks_come_from_lengths_not_pad_ids():
     eos = pad = 2  # SmolLM2: the pad token is the end-of-turn token
-    batch = collate([[5, 6, 7], [8]], [Completion([9, eos], False), Completion([10, 11, 12], True)], pad, "cpu")
+    batch = collate([[5, 6, 7], [8]], [[9, eos], [10, 11, 12]], pad, "cpu")
     assert batch["input_ids"].tolist() == [[5, 6, 7, 9, eos, pad], [pad, pad, 8, 10, 11, 12]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
@@ -169,7 +169,7 @@ def test_collate_masks_come_from_lengths_not_pad_ids():
 
 
 def test_select_trims_padding_columns():
-    batch = collate([[5, 6, 7], [8]], [Completion([9, 2], False), Completion([10, 11, 12], True)], 2, "cpu")
+    batch = collate([[5, 6, 7], [8]], [[9, 2], [10, 11, 12]], 2, "cpu")
     batch["advantages"] = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0]])
     sub = select(batch, torch.tensor([0]))
     assert sub["input_ids"].tolist() == [[5, 6, 7, 9, 2]]  # the completion column only row 1 used is cut
@@ -187,7 +187,7 @@ def test_completion_logprobs_match_a_plain_forward(tiny_model):
     model = load_model(str(tiny_model)).eval()
     prompts_ = [[11, 12, 13, 14], [21, 22]]
     completions = [Completion([31, 32], False), Completion([41, 42, 43], True)]
-    batch = collate(prompts_, completions, 2, "cpu")
+    batch = collate(prompts_, [c.ids for c in completions], 2, "cpu")
     with torch.no_grad():
         logp, entropy = rs.completion_logprobs(model, batch, 1.0, torch.autocast("cpu", enabled=False), with_entropy=True)
         for i, (p, c) in enumerate(zip(prompts_, completions)):
@@ -252,7 +252,7 @@ def test_reference_model_only_when_beta_positive(tiny_model, param_mode):
     names = ["meta_thinking", "reasoning"]
     for beta in (0.0, 0.1):
         args = rs.Args(param_mode=param_mode, beta=beta, gradient_checkpointing=False)
-        agents = build_agents(args, Accelerator(cpu=True), str(tiny_model), names)
+        agents = build_agents(args, Accelerator(cpu=True), str(tiny_model), {n: 8 for n in names}, reference=beta > 0)
         assert set(agents) == set(names)
         has_copy = [a.ref_model is not None for a in agents.values()]
         assert has_copy == [beta > 0 and param_mode == "full"] * 2

@@ -6,23 +6,30 @@ token (as in SmolLM2) cannot hide a sampled end-of-turn token from the loss.
 
 import torch
 
-from utils.generation import Completion
 
 
-def collate(prompt_ids: list[list[int]], completions: list[Completion], pad_id: int, device) -> dict:
-    """[prompt, left-padded | completion, right-padded] batch; masks come from lengths, never from pad ids."""
+def collate(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int, device,
+            turn_ids: list[list[int]] | None = None) -> dict:
+    """[prompt, left-padded | completion, right-padded] batch; masks come from lengths, never from pad ids.
+    turn_ids (multi-turn): per completion token, the index of the trained turn it belongs to, -1 if untrained."""
     P = max(len(p) for p in prompt_ids)
-    C = max(len(c.ids) for c in completions)
+    C = max(1, max(len(c) for c in completion_ids))
     N = len(prompt_ids)
     input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)  # (N, P+C)
     attention_mask = torch.zeros(N, P + C, dtype=torch.long)  # (N, P+C)
-    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
-        input_ids[i, P - len(p) : P] = torch.tensor(p)
-        input_ids[i, P : P + len(c.ids)] = torch.tensor(c.ids)
-        attention_mask[i, P - len(p) : P + len(c.ids)] = 1
+    turns = torch.full((N, C), -1, dtype=torch.long)  # (N, C)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        input_ids[i, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention_mask[i, P - len(p) : P + len(c)] = 1
+        if turn_ids is not None:
+            assert len(turn_ids[i]) == len(c), "one turn index per completion token"
+            turns[i, : len(c)] = torch.tensor(turn_ids[i], dtype=torch.long)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, P+C): left padding shifts positions
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                  completion_ids=input_ids[:, P:], completion_mask=attention_mask[:, P:].float())  # (N, C)
+    if turn_ids is not None:
+        batch["turn_ids"] = turns
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -33,7 +40,8 @@ def select(batch: dict, idx: torch.Tensor) -> dict:
     P = sub["input_ids"].shape[1] - C
     used = sub["attention_mask"].bool()
     first = int(used[:, :P].any(0).long().argmax()) if P > 0 else 0
-    last_c = int(sub["completion_mask"].sum(-1).max())
-    # prompt + completion tensors lose leading and trailing padding; every other tensor is per completion token (N, C)
+    last_c = max(1, int(sub["completion_mask"].sum(-1).max()))
+    # prompt + completion tensors lose leading and trailing padding; other 2-D tensors are per completion token
+    # (N, C); 1-D tensors are per sequence (N,)
     full = ("input_ids", "attention_mask", "position_ids")
-    return {k: v[:, first : P + last_c] if k in full else v[:, :last_c] for k, v in sub.items()}
+    return {k: v[:, first : P + last_c] if k in full else v[:, :last_c] if v.dim() == 2 else v for k, v in sub.items()}

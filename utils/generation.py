@@ -1,8 +1,9 @@
 """Batched generation behind one small function, so a faster backend (vLLM) can replace it.
 
 `generate` takes token-id prompts and returns the sampled completion ids, cut after the first end-of-turn token
-(which is kept: it was sampled, so it is trained on). The training scripts recompute log-probabilities
-themselves, so a backend only has to return ids.
+(which is kept: it was sampled, so it is trained on) or after the token that completes a stop string (multi-turn
+ReMA stops at "[FINISH]"). The training scripts recompute log-probabilities themselves, so a backend only has to
+return ids.
 """
 
 from contextlib import nullcontext
@@ -18,11 +19,21 @@ class Completion:
     truncated: bool  # hit max_new_tokens without a stop token
 
 
-def _cut(ids: list[int], stop_ids: set[int]) -> Completion:
-    for i, token in enumerate(ids):
-        if token in stop_ids:
-            return Completion(ids[: i + 1], truncated=False)
-    return Completion(ids, truncated=True)
+def _cut(ids: list[int], stop_ids: set[int], tokenizer=None, stop_strings: tuple[str, ...] = ()) -> Completion:
+    end = next((i + 1 for i, token in enumerate(ids) if token in stop_ids), None)
+    kept = ids[:end] if end is not None else ids
+    if stop_strings:
+        def has_stop(n: int) -> bool:
+            text = tokenizer.decode(kept[:n])
+            return any(s in text for s in stop_strings)
+
+        if has_stop(len(kept)):  # keep up to the token that completes the stop string (binary search on prefixes)
+            lo, hi = 1, len(kept)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+            return Completion(kept[:lo], truncated=False)
+    return Completion(kept, truncated=end is None)
 
 
 @torch.no_grad()
@@ -36,13 +47,15 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     stop_ids: list[int],
+    stop_strings: tuple[str, ...] = (),
     batch_size: int = 64,
     autocast_dtype: torch.dtype | None = None,
     show_progress: bool = False,
     desc: str = "generate",
     synced_gpus: bool = False,
 ) -> list[Completion]:
-    """Sample one completion per prompt with HF `generate` (temperature 0 means greedy).
+    """Sample one completion per prompt with HF `generate` (temperature 0 means greedy). A completion ends at the
+    first of `stop_ids` (kept) or at the token that completes one of `stop_strings` (kept).
 
     Prompts are sorted by length and cut into batches of `batch_size` to limit padding, left-padded (HF derives
     position ids from the attention mask, so padded and unpadded prompts give the same tokens), and the results
@@ -57,6 +70,7 @@ def generate(
     stop_set = set(stop_ids)
     results: list[Completion | None] = [None] * len(prompts)
     device = next(model.parameters()).device
+    stops = dict(stop_strings=list(stop_strings), tokenizer=tokenizer) if stop_strings else {}
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
     if autocast_dtype is not None:
         autocast = torch.autocast(device.type, dtype=autocast_dtype)
@@ -75,9 +89,10 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
                 synced_gpus=synced_gpus,
+                **stops,
                 **sampling,
             )  # (b, P + new)
         for row, i in enumerate(batch):
-            results[i] = _cut(out[row, input_ids.shape[1] :].tolist(), stop_set)
+            results[i] = _cut(out[row, input_ids.shape[1] :].tolist(), stop_set, tokenizer, tuple(stop_strings))
     model.train(was_training)
     return results

@@ -121,11 +121,12 @@ class Agent:
     ref_model: torch.nn.Module | None = None  # full mode with beta > 0: a frozen copy of the initial model
 
 
-def build_agents(args, accelerator, path: str, names: list[str]) -> dict[str, Agent]:
+def build_agents(args, accelerator, path: str, lengths: dict[str, int], reference: bool = False) -> dict[str, Agent]:
     """One Agent per name, with its own trainable parameters and optimizer (separate parameters, paper Sec. 3.2.1):
-    full copies of the model, or LoRA adapters on one frozen base (`args.param_mode`), prepared by accelerate."""
-    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
-               "policy": args.reas_max_completion_length}
+    full copies of the model, or LoRA adapters on one frozen base (`args.param_mode`), prepared by accelerate.
+    lengths: agent name -> max new tokens of one of its completions. reference: also keep the initial policy
+    (a frozen copy in full mode; the base with the adapters off in LoRA mode) for a KL penalty."""
+    names = list(lengths)
     adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
     set_seed(args.seed)  # identical initial weights (LoRA init) on every process
     if args.param_mode == "lora":
@@ -150,7 +151,7 @@ def build_agents(args, accelerator, path: str, names: list[str]) -> dict[str, Ag
         optimizer = torch.optim.AdamW(model.parameters(), **adam)
         model, optimizer = accelerator.prepare(model, optimizer)
         ref = None
-        if args.beta > 0:
+        if reference:
             ref = load_model(path).to(accelerator.device).eval().requires_grad_(False)
         agents[n] = Agent(n, model, optimizer, list(model.parameters()), lengths[n], ref_model=ref)
     return agents

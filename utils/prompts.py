@@ -11,6 +11,8 @@ Strings follow the paper's appendix G and the official code (see docs: rema_spec
   below is our reconstruction around that quote.
 """
 
+from dataclasses import dataclass
+
 # ---- single-turn ReMA (paper App. G.1) ----
 META_SYSTEM = (
     "You are a math expert specialized in solving mathematical problems, you need to teach a weaker agent with "
@@ -78,6 +80,48 @@ def vrp_messages(question: str) -> list[dict]:
 def mrp_messages(question: str) -> list[dict]:
     """MRP baseline: one agent writes the plan and then the solution in one reply."""
     return [{"role": "system", "content": MRP_SYSTEM}, {"role": "user", "content": question}]
+
+
+MULTITURN_REAS_FIRST_USER = "Question:\n{question}\n\nInstruction:\n{plan}"  # official code, spec 1.2
+
+
+def multiturn_meta_messages(question: str) -> list[dict]:
+    """Multi-turn ReMA, the meta-thinking agent's first turn; the RA's replies follow as user turns (spec 1.2)."""
+    return [{"role": "system", "content": MULTITURN_META_SYSTEM}, {"role": "user", "content": question}]
+
+
+def multiturn_reas_messages(question: str, plan: str) -> list[dict]:
+    """Multi-turn ReMA, the reasoning agent's first turn; the MTA's later turns follow as user turns (spec 1.2)."""
+    user = MULTITURN_REAS_FIRST_USER.format(question=question, plan=plan)
+    return [{"role": "system", "content": MULTITURN_REAS_SYSTEM}, {"role": "user", "content": user}]
+
+
+@dataclass(frozen=True)
+class ChatPieces:
+    """The text a chat template puts around a turn, so that a conversation can be extended with the token ids an
+    agent actually sampled instead of re-rendering (and re-tokenizing) decoded text (spec 8, items 7-8).
+
+    For ChatML (SmolLM2, Qwen): user_prefix = "<|im_start|>user\n", user_suffix = "<|im_end|>\n<|im_start|>assistant\n"
+    (it ends with the generation prompt) and closing = "<|im_end|>\n" (what follows an assistant message)."""
+
+    user_prefix: str
+    user_suffix: str
+    closing: str
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "ChatPieces":
+        def chat(messages, gen):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+        base = [{"role": "system", "content": "SYSTEM@@"}, {"role": "user", "content": "USER@@"}]
+        opened = chat(base, True)
+        closed = chat(base + [{"role": "assistant", "content": "ASSISTANT@@"}], False)
+        extended = chat(base + [{"role": "assistant", "content": "ASSISTANT@@"}, {"role": "user", "content": "NEXT@@"}], True)
+        if not (closed.startswith(opened + "ASSISTANT@@") and extended.startswith(closed) and "NEXT@@" in extended[len(closed):]):
+            raise ValueError("multi-turn ReMA needs a chat template that renders a conversation as the concatenation of "
+                             "its turns (ChatML, Llama-3 and most instruct templates do); this tokenizer's does not")
+        user_prefix, user_suffix = extended[len(closed):].split("NEXT@@")
+        return cls(user_prefix, user_suffix, closed[len(opened) + len("ASSISTANT@@"):])
 
 
 def render(tokenizer, messages: list[dict]) -> list[int]:
