@@ -14,6 +14,8 @@ Departures from the official recipe (LlamaFactory, spec 6.2), all deliberate:
     MTA prompt lacks the "[FINISH]" bullet that the RL prompt has); `data` (default) trains on the data as is.
  2. No sequence packing; conversations longer than `max_length` tokens are cut (the paper's cutoff is 4096).
  3. The end-of-turn token of every assistant turn is trained on; the newline the chat template puts after it is not.
+ 4. `--reas_finish strip` removes [FINISH] from the reasoning agent's turns (the data has it in every one; RL strips
+    it from the RA's text); `keep` (default) trains on the data as is.
 """
 
 import math
@@ -46,6 +48,9 @@ class Args:
     """LlamaFactory alpaca-with-history .jsonl / .json / .parquet files or hub ids, mixed (paper: both agents' views)"""
     system_prompt: Literal["data", "rl"] = "data"
     """meta-thinking system prompt: the data's own, or the one rema_multiturn.py uses in RL"""
+    reas_finish: Literal["keep", "strip"] = "keep"
+    """the data's reasoning-agent turns end with [FINISH] (804 of 804), but in RL only the MTA's [FINISH] ends a
+    conversation and it is stripped from the RA's text: `strip` removes it from the RA's turns (spec 8, item 9)"""
     limit: int | None = None
     """use only the first `limit` conversations of each dataset (quick runs)"""
     max_length: int = 2048
@@ -72,17 +77,22 @@ class Args:
     """where the fine-tuned model (Hugging Face format), metrics.jsonl and TensorBoard logs go"""
 
 
-def conversation(row: dict, system_prompt: str) -> list[dict]:
+def conversation(row: dict, system_prompt: str, reas_finish: str = "keep") -> list[dict]:
     """A LlamaFactory alpaca-with-history row as chat messages. `load_examples` stores the row's `instruction` and
     `output` under "question" and "answer"."""
     system = row.get("system") or ""
-    if system_prompt == "rl" and system.startswith(SFT_META_SYSTEM_PREFIX):
+    is_meta = system.startswith(SFT_META_SYSTEM_PREFIX)
+    if system_prompt == "rl" and is_meta:
         system = prompts.MULTITURN_META_SYSTEM
+
+    def reply(text: str) -> str:
+        return text.replace(prompts.FINISH_FLAG, "").rstrip() if reas_finish == "strip" and not is_meta else text
+
     messages = [{"role": "system", "content": system}] if system else []
     for user, assistant in row.get("history") or []:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply(assistant)}]
     user = row["question"] + ("\n" + row["input"] if row.get("input") else "")
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": row["answer"]}]
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": reply(row["answer"])}]
 
 
 def encode(tokenizer, messages: list[dict], stop_ids: set[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -125,7 +135,7 @@ def main(args: Args) -> None:
     for source in args.datasets:
         # the shared loader: .jsonl / .json / .parquet / hub, and bad rows named by file, line and field
         for row in load_examples(source, question_field="instruction", answer_field="output", limit=args.limit):
-            examples.append(encode(tokenizer, conversation(row, args.system_prompt), stop_ids, args.max_length))
+            examples.append(encode(tokenizer, conversation(row, args.system_prompt, args.reas_finish), stop_ids, args.max_length))
     examples = [e for e in examples if any(label != -100 for label in e[1])]
     if accelerator.is_main_process:
         tokens = sum(sum(label != -100 for label in e[1]) for e in examples)

@@ -39,6 +39,14 @@ def test_conversation_from_alpaca_row_and_system_prompt_choice():
     assert sft.conversation(loaded(dict(META_ROW, input="extra")), "data")[-2]["content"] == "5 again\nextra"
 
 
+def test_strip_finish_from_reasoning_turns_only():
+    reas = sft.conversation(loaded(REAS_ROW), "data", reas_finish="strip")
+    assert reas[-1]["content"] == "5 again, so \\boxed{5}."
+    assert sft.conversation(loaded(REAS_ROW), "data")[-1]["content"].endswith("[FINISH]")  # keep: the data as is
+    meta = sft.conversation(loaded(META_ROW), "data", reas_finish="strip")
+    assert meta[-1]["content"] == "Confirmed. [FINISH]"  # the MTA's [FINISH] is what ends a conversation
+
+
 def test_labels_cover_exactly_the_assistant_turns(tiny_model):
     tokenizer = load_tokenizer(str(tiny_model))
     stop = set(end_of_turn_ids(tokenizer))
