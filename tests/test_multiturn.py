@@ -224,6 +224,8 @@ def test_loss_normaliser():
     assert mt.loss_normaliser(TURNS, "trajectory") == 3
     assert mt.loss_normaliser(TURNS, "turn") == 3
     assert mt.loss_normaliser(TURNS, "token") == 6
+    turns = torch.tensor([[0, 0, 1, 2], [-1, -1, -1, -1]])
+    assert [mt.loss_normaliser(turns, a) for a in ("trajectory", "turn", "token")] == [2, 3, 4]
 
 
 def test_log_ratio_cap_and_clip_stop_the_gradient():
@@ -235,6 +237,12 @@ def test_log_ratio_cap_and_clip_stop_the_gradient():
     total.backward()
     assert total.item() == pytest.approx(-1.2) and counts["clip_high"].item() == 1
     assert (logp.grad == 0).all()
+    # with a loose dual clip a negative advantage sees the capped ratio: e^3, not e^4
+    for form in ("geometric", "arithmetic"):
+        total, _ = mt.turn_policy_loss(logp, old, torch.tensor([-1.0]), torch.tensor([[0, 0]]), clip_mode="turn",
+                                       ratio_form=form, agg_mode="trajectory", eps_low=0.2, eps_high=0.2,
+                                       dual_clip=100.0, log_ratio_cap=3.0)
+        assert total.item() == pytest.approx(math.exp(3.0))
 
 
 def test_turn_ratio_gradient_on_policy_equals_the_policy_gradient():
