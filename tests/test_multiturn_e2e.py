@@ -72,7 +72,8 @@ def assert_sane(rows: list[dict], train_prefix: str = "train", needs_gradient: b
 
 
 def test_shared_parameters_turn_ratio_with_reward_mask(tmp_path, copy_task):
-    run_dir = run(tmp_path, copy_task, "--mask_unfinished_reward", "--transcripts_every", "1", "--total_steps", "3")
+    run_dir = run(tmp_path, copy_task, "--mask_unfinished_reward", "--stop_when_truncated", "--transcripts_every", "1",
+                  "--total_steps", "3")
     train_rows = assert_sane(metrics(run_dir))
     # the tiny model was taught to end with [FINISH]: some conversations finish normally, and only those are rewarded
     assert any(r["rollout/finish/normal"] > 0 for r in train_rows)
