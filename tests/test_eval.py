@@ -113,3 +113,51 @@ def test_unknown_benchmark_is_a_clear_error(tmp_path, tiny_model):
                            "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0 and "mathh500" in proc.stderr
+
+
+# ---- LLM-as-a-Judge ----
+@pytest.mark.parametrize("reply,verdict", [
+    ("Assistant A is more accurate. [[A]]", "A"),
+    ("[[B]]", "B"),
+    ("Final verdict: [[B]]. As said, [[B]] is better.", "B"),  # the same verdict twice is still one verdict
+    ("Between [[A]] and [[B]] I choose [[A]]", None),  # both verdicts: ambiguous
+    ("Assistant A is better.", None),  # no verdict
+    ("[[a]]", None),  # lower case is not the format
+    ("[A]", None),  # the paper's VRP single brackets are not accepted either
+    ("[[C]]", None),
+])
+def test_parse_verdict_is_strict(reply, verdict):
+    from utils.grading import parse_verdict
+
+    assert parse_verdict(reply) == verdict
+
+
+def test_judge_summary_by_hand():
+    rec = lambda i, swapped, correct: {"benchmark": "jb", "index": i, "sample": 0, "swapped": swapped, "correct": correct}
+    records = [rec(0, False, 1.0), rec(0, True, 1.0), rec(1, False, 1.0), rec(1, True, 0.0), rec(2, False, 0.0), rec(2, True, 0.0),
+               rec(3, False, 0.0), rec(3, True, 1.0)]
+    rows = ev.summarize_judge(records, ["jb"])
+    assert rows["jb"] == {"questions": 4, "mean": 50.0, "swapped": 50.0, "both": 25.0}
+    assert ev.markdown_judge(rows, "vrp").splitlines()[2] == "| jb | 4 | 50.00 | 50.00 | 25.00 |"
+
+
+def test_judge_on_a_judgebench_slice_in_both_orders(tmp_path, tiny_model):
+    for method in ("vrp", "rema"):
+        out, stdout = run(tmp_path, tiny_model, "--task", "judge", "--method", method, "--limit", "3", name=method)
+        rows = records(out)
+        assert sorted((r["index"], r["swapped"]) for r in rows) == [(i, s) for i in range(3) for s in (False, True)]
+        source = [json.loads(line) for line in (ROOT.parent / "shared" / "data" / "judgebench_gpt4o.jsonl").read_text().splitlines()[:3]]
+        for r in rows:  # the gold verdict follows the swap
+            label = source[r["index"]]["label"][0]
+            assert r["gold"] == ({"A": "B", "B": "A"}[label] if r["swapped"] else label)
+            assert r["correct"] == float(r["extracted"] == r["gold"])
+        assert "judgebench_gpt4o" in json.loads((out / "results.json").read_text())["results"]
+
+
+def test_judge_rejects_a_bad_label(tmp_path, tiny_model):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text(json.dumps({"question": "q", "response_A": "a", "response_B": "b", "label": "A=B"}) + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--task", "judge", "--model", str(tiny_model),
+                           "--datasets", str(bad), "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode != 0 and "pairs.jsonl" in proc.stderr and "row 1" in proc.stderr and "A=B" in proc.stderr

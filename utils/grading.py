@@ -112,6 +112,16 @@ def has_boxed(text: str) -> bool:
     return _HAS_BOXED.search(text) is not None
 
 
+_VERDICT = re.compile(r"\[\[([AB])\]\]")
+
+
+def parse_verdict(text: str) -> str | None:
+    """The pair-ranking verdict "A" or "B" of a judge's reply, read strictly: exactly one of "[[A]]" / "[[B]]" must
+    occur (any number of times). Both, neither, or another form ("[[a]]", "[A]", "A is better") give None."""
+    found = set(_VERDICT.findall(text))
+    return found.pop() if len(found) == 1 else None
+
+
 class Grader:
     """Grades responses against gold answers with math-verify in worker subprocesses, with a hard time limit.
 

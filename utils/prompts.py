@@ -131,3 +131,70 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
     `encode(templated_text)` adds for Llama-3 tokenizers (spec, section 8, item 8)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---- LLM-as-a-Judge: pair ranking (paper Sec. 4, App. G; spec section 5) ----
+# Verdicts are "[[A]]" / "[[B]]" in every prompt. The paper's VRP judge prompt says "[A]" / "[B]" while its ReMA
+# prompts say "[[A]]" / "[[B]]" (spec 8, item 14); one format everywhere lets one strict parser grade every method,
+# and the double brackets rarely occur by accident in a judge's explanation.
+# The MTA prompt is the paper's (EvalPlanner, Saha et al. 2025). The paper describes the RA, VRP and MRP judge prompts
+# without quoting them in full; the strings below are reconstructions in the MT-Bench pairwise-judge style they follow.
+JUDGE_META_SYSTEM = (
+    "We want to evaluate the quality of the responses provided by AI assistants to the user question displayed "
+    "below. For that, your task is to help us build an evaluation plan that can then be executed to assess the "
+    "response quality. Whenever appropriate, you can choose to also include a step-by-step reference answer as part "
+    "of the evaluation plan."
+)
+JUDGE_META_USER = "[User Question]\n{question}\n[End of User Question]"
+_JUDGE_RULES = (
+    "Avoid any position biases and ensure that the order in which the responses were presented does not influence "
+    "your decision. Do not allow the length of the responses to influence your evaluation. Be as objective as "
+    "possible. Finally, output your verdict by strictly following this format: \"[[A]]\" if assistant A is better, "
+    "\"[[B]]\" if assistant B is better."
+)
+JUDGE_REAS_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
+    "user question displayed below. You are given an evaluation plan: follow it step by step to compare the two "
+    "responses. " + _JUDGE_RULES
+)
+JUDGE_VRP_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
+    "user question displayed below. You should choose the assistant that follows the user's instructions and "
+    "answers the user's question better. Think step by step: compare the two responses and explain. " + _JUDGE_RULES
+)
+JUDGE_MRP_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the "
+    "user question displayed below. Your first task is to write an evaluation plan for this question (whenever "
+    "appropriate, include a step-by-step reference answer). Then follow your plan step by step to compare the two "
+    "responses. " + _JUDGE_RULES
+)
+JUDGE_PAIR = (
+    "[User Question]\n{question}\n[End of User Question]\n\n"
+    "[The Start of Assistant A's Answer]\n{response_a}\n[The End of Assistant A's Answer]\n\n"
+    "[The Start of Assistant B's Answer]\n{response_b}\n[The End of Assistant B's Answer]"
+)
+JUDGE_PLAN = "\n\n[The Start of Evaluation Plan]\n{plan}\n[The End of Evaluation Plan]"
+
+
+def judge_meta_messages(question: str) -> list[dict]:
+    """The meta-thinking agent writes an evaluation plan for the question (it does not see the responses)."""
+    return [{"role": "system", "content": JUDGE_META_SYSTEM},
+            {"role": "user", "content": JUDGE_META_USER.format(question=question)}]
+
+
+def judge_reas_messages(question: str, response_a: str, response_b: str, plan: str) -> list[dict]:
+    """The reasoning agent judges the pair by following the plan."""
+    user = JUDGE_PAIR.format(question=question, response_a=response_a, response_b=response_b) + JUDGE_PLAN.format(plan=plan)
+    return [{"role": "system", "content": JUDGE_REAS_SYSTEM}, {"role": "user", "content": user}]
+
+
+def judge_vrp_messages(question: str, response_a: str, response_b: str) -> list[dict]:
+    """VRP judge: one agent, chain of thought, then the verdict."""
+    user = JUDGE_PAIR.format(question=question, response_a=response_a, response_b=response_b)
+    return [{"role": "system", "content": JUDGE_VRP_SYSTEM}, {"role": "user", "content": user}]
+
+
+def judge_mrp_messages(question: str, response_a: str, response_b: str) -> list[dict]:
+    """MRP judge: one agent writes an evaluation plan, follows it, then gives the verdict."""
+    user = JUDGE_PAIR.format(question=question, response_a=response_a, response_b=response_b)
+    return [{"role": "system", "content": JUDGE_MRP_SYSTEM}, {"role": "user", "content": user}]
