@@ -161,3 +161,15 @@ def test_judge_rejects_a_bad_label(tmp_path, tiny_model):
                            "--datasets", str(bad), "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0 and "pairs.jsonl" in proc.stderr and "row 1" in proc.stderr and "A=B" in proc.stderr
+
+
+def test_judge_on_a_local_rewardbench_shaped_file(tmp_path, tiny_model):
+    """RewardBench970 is built by the judge task (or read from the hub); any file of the same shape works here."""
+    pairs = tmp_path / "rewardbench970.jsonl"
+    rows = [{"question": "Say hi.", "response_A": "Hi!", "response_B": "No.", "label": "A>B", "subset": "chat"},
+            {"question": "2 + 2?", "response_A": "5", "response_B": "4", "label": "B>A", "subset": "math-prm"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, _ = run(tmp_path, tiny_model, "--task", "judge", "--method", "mrp", "--datasets", str(pairs))
+    assert sorted((r["index"], r["swapped"], r["gold"]) for r in records(out)) == [
+        (0, False, "A"), (0, True, "B"), (1, False, "B"), (1, True, "A")]
+    assert json.loads((out / "results.json").read_text())["results"]["rewardbench970"]["questions"] == 2
