@@ -169,9 +169,11 @@ def load_questions(args: Args) -> list[dict]:
                                     f"it must be 'A>B' or 'B>A'")
                 row = row | {"answer": row["answer"][0]}
             by_bench[str(row.get(args.dataset_field, Path(source).stem))].append(row)
-        has_field = any(args.dataset_field in r for r in rows)
-        wanted = args.benchmarks or (BENCHMARKS if not judge and has_field else list(by_bench))
-        for bench in wanted if has_field else list(by_bench):
+        if any(args.dataset_field in r for r in rows):  # several benchmarks in one source: pick them
+            wanted = args.benchmarks or (list(by_bench) if judge else BENCHMARKS)
+        else:  # the whole source is one benchmark, named after it
+            wanted = list(by_bench)
+        for bench in wanted:
             for i, row in enumerate(by_bench.get(bench, [])[: args.limit]):
                 questions.append({"benchmark": bench, "index": i} | {k: row[k] for k in
                                   ("question", "answer", "response_A", "response_B") if k in row})
