@@ -249,7 +249,7 @@ def main(args: Args) -> None:
         stop_ids = end_of_turn_ids(tokenizer)
         model = load_eval_model(path).to(accelerator.device)
         meta = load_eval_model(meta_path).to(accelerator.device) if args.method == "rema" and meta_path != path else model
-        grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
+        grader = None if judge else Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)  # verdicts need no math-verify
         gen_dtype = torch.bfloat16 if args.bf16 else None
 
         def sample(m, prompt_ids, max_new_tokens, stop_strings=()):
@@ -315,7 +315,8 @@ def main(args: Args) -> None:
                 f.flush()
                 progress.update(len(chunk))
         progress.close()
-        grader.close()
+        if grader is not None:
+            grader.close()
     accelerator.wait_for_everyone()
 
     # ---- the table, from every process's records (old and new) ----

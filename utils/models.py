@@ -129,7 +129,7 @@ def load_eval_model(path: str, dtype: torch.dtype = torch.float32):
         from peft import AutoPeftModelForCausalLM
 
         return AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype).merge_and_unload().eval()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return load_model(path, dtype).eval()
 
 
 @dataclass
