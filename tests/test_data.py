@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -12,7 +15,8 @@ import pytest
 
 from utils.data import ArithmeticConfig, DataError, arithmetic_examples, load_examples
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def _shared(name: str) -> Path:
@@ -425,3 +429,112 @@ def test_hub_row_errors_and_load_failures(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=failing))
     msg = _error("owner/missing")
     assert "owner/missing" in msg and "no such dataset" in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# The reliability issue: each bad-data case stops the run before training, and the message names the
+# file, the line and the fix
+# --------------------------------------------------------------------------------------------------
+
+GOOD = json.dumps(ROWS[0])
+
+
+@pytest.mark.parametrize(
+    "lines, line, fix",
+    [
+        ([GOOD, json.dumps({"problem": "q", "answer": "1"})], 2, "--question_field"),  # missing field
+        ([GOOD, json.dumps({"question": "q"})], 2, "--answer_field"),
+        ([GOOD, GOOD, json.dumps({"question": "  ", "answer": "1"})], 3, "Fix or remove the row"),  # empty question
+        ([GOOD, json.dumps({"question": "q", "answer": [1, 2]})], 2, "Fix or remove the row"),  # non-string answer
+        ([GOOD, json.dumps({"question": "q", "answer": {"value": 1}})], 2, "--answer_field"),
+        ([GOOD, json.dumps({"question": "q", "answer": None})], 2, "Fix or remove the row"),
+        ([GOOD, GOOD, GOOD[:20]], 3, "fix or delete that line"),  # truncated last line
+    ],
+    ids=["missing-question", "missing-answer", "empty-question", "list-answer", "dict-answer", "null-answer", "truncated"],
+)
+def test_bad_row_message_names_file_line_and_fix(tmp_path, lines, line, fix):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines))  # the last line has no newline, as in a file cut off while being written
+    msg = _error(path)
+    assert str(path) in msg and f"line {line}:" in msg and fix in msg
+
+
+def test_numeric_answers_are_converted_not_rejected(tmp_path):
+    """Ints and floats are gold answers written without quotes (the loader calls str() on them); bools are not."""
+    path = _write_jsonl(tmp_path / "nums.jsonl", [{"question": "q", "answer": a} for a in (-3, 10**30, 0.25)])
+    assert [r["answer"] for r in load_examples(str(path))] == ["-3", "1" + "0" * 30, "0.25"]
+
+
+def test_truncated_inside_a_multibyte_character_names_the_line(tmp_path):
+    """Regression: a file cut inside a UTF-8 character was reported without a line ("not valid UTF-8 text")."""
+    path = tmp_path / "cut.jsonl"
+    row = json.dumps({"question": "Où est é ?", "answer": "1"}, ensure_ascii=False).encode()
+    path.write_bytes((GOOD + "\n" + GOOD + "\n").encode() + row[: row.index("é".encode()) + 1])  # half of "é"
+    msg = _error(path)
+    assert str(path) in msg and "line 3:" in msg and "UTF-8" in msg and "fix or delete that line" in msg
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((GOOD + "\n").encode() + '{"question": "Où?", "answer": "1"}\n'.encode("latin-1") + (GOOD + "\n").encode())
+    msg = _error(path)
+    assert str(path) in msg and "line 2:" in msg and "Save the file as UTF-8" in msg
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"question": "q", "answer": ' + "7" * 5000 + "}", "[" * 100_000],
+    ids=["int-over-4300-digits", "deep-nesting"],
+)
+def test_json_python_cannot_hold_names_the_line(tmp_path, line):
+    """Regression: json.loads raises ValueError / RecursionError (not JSONDecodeError) on these valid JSON lines;
+    they escaped as a bare traceback without file or line."""
+    path = tmp_path / "odd.jsonl"
+    path.write_text(GOOD + "\n" + line + "\n")
+    msg = _error(path)
+    assert str(path) in msg and "line 2:" in msg and "Fix or delete that line" in msg
+    path = tmp_path / "odd.json"
+    path.write_text("[" + GOOD + ", " + line + "]")
+    msg = _error(path)
+    assert str(path) in msg and "Fix the file" in msg
+
+
+@pytest.mark.parametrize("source", ["arithmetc", "gsm8k", "MATH"])
+def test_unknown_dataset_name_lists_the_accepted_forms(source):
+    msg = _error(source)
+    assert repr(source) in msg and "'arithmetic'" in msg and "owner/name" in msg and ".jsonl" in msg
+
+
+def test_unknown_hub_dataset_fails_fast_offline(tmp_path):
+    """A hub-shaped name that does not exist, with the real `datasets` library and HF offline: a DataError in
+    seconds, not a hang on the network. Run in a fresh process so that the offline settings surely apply."""
+    pytest.importorskip("datasets")
+    code = "from utils.data import load_examples; load_examples('nobody/no-such-dataset-rema')"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "DataError" in proc.stderr
+    assert "nobody/no-such-dataset-rema" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr and "local file" in proc.stderr
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("kind", ["truncated-file", "unknown-hub-dataset"])
+def test_rema_single_stops_on_bad_data_before_training(tmp_path, kind):
+    """End to end: the training script exits non-zero with the message on stderr, without a traceback, before
+    any training step. main() loads the data right after parsing and validating the flags, before the model."""
+    if kind == "truncated-file":
+        source = tmp_path / "bad.jsonl"
+        source.write_text(GOOD + "\n" + GOOD + "\n" + GOOD[:20])
+        expected = [str(source), "line 3:", "fix or delete that line"]
+    else:
+        source = "nobody/no-such-dataset-rema"
+        expected = [source, "HF_HUB_OFFLINE", "local file"]
+    cmd = [sys.executable, str(ROOT / "rema_single.py"), "--train_dataset", str(source), "--output_dir", str(tmp_path / "runs"),
+           "--exp_name", "bad"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "data error" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    for text in expected:
+        assert text in proc.stderr, proc.stderr[-4000:]
+    assert not (tmp_path / "runs" / "bad" / "metrics.jsonl").exists()  # no training step was logged

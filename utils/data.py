@@ -245,23 +245,29 @@ def _clean_rows(rows: Iterable[Any], label: str, unit: str, question_field: str,
 
 def _load_jsonl(path: Path, question_field: str, answer_field: str) -> list[dict]:
     rows = []
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{where}: not valid JSON ({e.msg} at column {e.colno}); the line starts with {_short(line.strip(), 60)}. "
-                        "Each line must hold one complete JSON object; a truncated last line usually means the file "
-                        "was cut off while being written: fix or delete that line."
-                    ) from None
-                rows.append(_clean_row(row, where, question_field, answer_field))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 text ({e}). Save the file as UTF-8.") from None
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line number
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                fix = "Save the file as UTF-8."
+                if not raw.endswith(b"\n"):  # a last line cut inside a multi-byte character
+                    fix = "The line has no newline, so the file was probably cut off while being written: fix or delete that line."
+                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the line). {fix}") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{where}: not valid JSON ({e.msg} at column {e.colno}); the line starts with {_short(line.strip(), 60)}. "
+                    "Each line must hold one complete JSON object; a truncated last line usually means the file "
+                    "was cut off while being written: fix or delete that line."
+                ) from None
+            except (ValueError, RecursionError) as e:  # valid JSON Python refuses: an integer over 4300 digits, deep nesting
+                raise DataError(f"{where}: JSON that Python cannot read ({type(e).__name__}: {str(e)[:120]}). Fix or delete that line.") from None
+            rows.append(_clean_row(row, where, question_field, answer_field))
     return rows
 
 
@@ -272,6 +278,8 @@ def _load_json(path: Path, question_field: str, answer_field: str) -> list[dict]
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}). Fix the file.") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not valid UTF-8 text ({e}). Save the file as UTF-8.") from None
+    except (ValueError, RecursionError) as e:  # valid JSON Python refuses: an integer over 4300 digits, deep nesting
+        raise DataError(f"{path}: JSON that Python cannot read ({type(e).__name__}: {str(e)[:120]}). Fix the file.") from None
     if isinstance(data, dict) and "data" in data:
         data = data["data"]
     if not isinstance(data, list):
