@@ -1,9 +1,10 @@
-"""Batched generation behind one small function, so a faster backend (vLLM) can replace it.
+"""Batched generation behind one small function, with two backends: HF `generate` and a colocated vLLM engine.
 
 `generate` takes token-id prompts and returns the sampled completion ids, cut after the first end-of-turn token
 (which is kept: it was sampled, so it is trained on) or after the token that completes a stop string (multi-turn
 ReMA stops at "[FINISH]"). The training scripts recompute log-probabilities themselves, so a backend only has to
-return ids.
+return ids. `model` is an HF model, or a `utils.vllm_engine.VLLMEngine` (`--backend vllm`), which also returns its
+sampling log-probs.
 """
 
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 class Completion:
     ids: list[int]  # sampled tokens, ending with the stop token unless truncated
     truncated: bool  # hit max_new_tokens without a stop token
+    logprobs: list[float] | None = None  # vLLM backend: the sampler's log-prob of each of ids (after temperature)
 
 
 def _cut(ids: list[int], stop_ids: set[int], tokenizer=None, stop_strings: tuple[str, ...] = ()) -> Completion:
@@ -64,6 +66,11 @@ def generate(
     With sharded weights (FSDP, ZeRO-3) every forward pass all-gathers parameters, so every process must run the
     same number of forward passes: pass `synced_gpus=True` (HF keeps finished processes stepping) and give every
     process the same number of prompts (hence of batches)."""
+    from utils.vllm_engine import VLLMEngine  # (imports no vLLM)
+
+    if isinstance(model, VLLMEngine):
+        return model.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, stop_ids=stop_ids, stop_strings=stop_strings, show_progress=show_progress)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -117,7 +117,10 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def load_model(path: str, dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.20 (the vLLM environment has 5.19)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is switched back on per call in generation
     return model
 
