@@ -41,6 +41,7 @@ from utils.distributed import make_accelerator
 from utils.generation import generate
 from utils.grading import Grader, extract_boxed, parse_verdict
 from utils.models import end_of_turn_ids, load_eval_model, load_tokenizer, resolve_model
+from utils.vllm_engine import VLLMEngine
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 BENCHMARKS = ("MATH500", "gsm8k", "aime24", "amc23", "gaokao2023en", "minerva_math", "olympiadbench")
@@ -93,7 +94,11 @@ class Args:
     stop_when_truncated: bool = True
     """rema_multiturn: end a conversation when a turn is truncated (as in training)"""
     batch_size: int = 64
-    """sequences per generate() call"""
+    """sequences per generate() call (HF backend)"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """generation: HF generate, or one vLLM engine per process (README: vLLM)"""
+    vllm_memory_utilization: float = 0.9
+    """vllm: share of the device's memory (on CPU: of RAM) the engine may take for its weights and KV cache"""
     chunk_size: int = 256
     """questions generated and written to the JSONL between progress updates (the unit of resumption)"""
     bf16: bool = True
@@ -218,8 +223,6 @@ def main(args: Args) -> None:
     if args.num_samples < 1:
         raise SystemExit("eval.py: --num_samples must be >= 1")
     judge = args.task == "judge"
-    if judge and args.method == "rema_multiturn":
-        raise SystemExit("eval.py: --task judge supports --method vrp, mrp and rema (multi-turn judging is not built)")
     out = Path(args.output_dir) / (args.exp_name or args.method)
     out.mkdir(parents=True, exist_ok=True)
     k = args.num_samples
@@ -247,19 +250,43 @@ def main(args: Args) -> None:
             meta_path = resolve_model(args.meta_model) if args.meta_model else path
         tokenizer = load_tokenizer(path)
         stop_ids = end_of_turn_ids(tokenizer)
-        model = load_eval_model(path).to(accelerator.device)
-        meta = load_eval_model(meta_path).to(accelerator.device) if args.method == "rema" and meta_path != path else model
+        meta_path = meta_path if args.method == "rema" else path
+        if args.backend == "vllm":
+            # one engine; a LoRA adapter directory runs on its base with the adapter merged, and a --meta_model other
+            # than --model is swapped in whenever it plans (a few seconds of copying per chunk)
+            adapter = Path(path) / "adapter_config.json"
+            base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
+            engine = VLLMEngine(base, max_model_len=None, memory_utilization=args.vllm_memory_utilization,
+                                seed=args.seed + rank, sleep=False, distributed=world > 1,
+                                holds=path if base == path else None)
+
+            def load(p):
+                engine.hold(p, 0, lambda: load_eval_model(p).state_dict().items())
+                return engine
+            model, meta = (lambda: load(path)), (lambda: load(meta_path))
+        else:
+            hf_model = load_eval_model(path).to(accelerator.device)
+            hf_meta = load_eval_model(meta_path).to(accelerator.device) if meta_path != path else hf_model
+            model, meta = (lambda: hf_model), (lambda: hf_meta)
         grader = None if judge else Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)  # verdicts need no math-verify
         gen_dtype = torch.bfloat16 if args.bf16 else None
 
-        def sample(m, prompt_ids, max_new_tokens, stop_strings=()):
-            completions = generate(m, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        def sample(which, prompt_ids, max_new_tokens, stop_strings=()):
+            """which: `model` or `meta`, which return what generates for that model (an HF model or the engine)"""
+            completions = generate(which(), tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_p=args.top_p, stop_ids=stop_ids, stop_strings=stop_strings,
                                    batch_size=args.batch_size, autocast_dtype=gen_dtype)
             return completions, [tokenizer.decode(c.ids, skip_special_tokens=True).strip() for c in completions]
 
         def render(messages):
             return prompts.render(tokenizer, messages)
+
+        def generate_fn(role, prompt_ids):  # rema_multiturn: one model plays both agents
+            return sample(model, prompt_ids, args.max_completion_length, (prompts.FINISH_FLAG,))[0] if prompt_ids else []
+
+        def conversation_record(tr):
+            return {"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
+                    "finish": REASONS[tr.reason]}
 
         progress = tqdm(total=len(mine), desc=f"eval {args.method} (rank {rank})", disable=not main_proc)
         with open(out / f"generations-{rank}.jsonl", "a") as f:
@@ -270,20 +297,33 @@ def main(args: Args) -> None:
                     # swapping the responses flips the right verdict
                     pairs = [(q["response_B"], q["response_A"]) if q["swapped"] else (q["response_A"], q["response_B"])
                              for q in chunk]
-                    if args.method == "rema":
-                        _, plans = sample(meta, [render(prompts.judge_meta_messages(q["question"])) for q in chunk],
-                                          args.meta_max_completion_length)
-                        judged = [prompts.judge_reas_messages(q["question"], a, b, m) for q, (a, b), m in zip(chunk, pairs, plans)]
-                        extra = [{"plan": m} for m in plans]
-                    else:
-                        build = prompts.judge_vrp_messages if args.method == "vrp" else prompts.judge_mrp_messages
-                        judged = [build(q["question"], a, b) for q, (a, b) in zip(chunk, pairs)]
-                    completions, responses = sample(model, [render(m) for m in judged], args.max_completion_length)
-                    verdicts = [parse_verdict(r) for r in responses]
                     golds = [{"A": "B", "B": "A"}[q["answer"]] if q["swapped"] else q["answer"] for q in chunk]
+                    if args.method == "rema_multiturn":  # the pair is the conversation's question; the RA's last
+                        pair_items = [{"question": prompts.judge_pair_text(q["question"], a, b), "answer": g}
+                                      for q, (a, b), g in zip(chunk, pairs, golds)]
+                        trajs = multi_turn_rollout(pair_items, generate_fn, tokenizer, args.max_turns,  # turn: verdict
+                                                   args.max_context_length, args.stop_when_truncated,
+                                                   prompts.MULTITURN_JUDGE_REAS_SYSTEM)
+                        responses = [tr.final_response for tr in trajs]
+                        extra = [conversation_record(tr) for tr in trajs]
+                        completions = [None] * len(chunk)
+                    else:
+                        if args.method == "rema":
+                            _, plans = sample(meta, [render(prompts.judge_meta_messages(q["question"])) for q in chunk],
+                                              args.meta_max_completion_length)
+                            judged = [prompts.judge_reas_messages(q["question"], a, b, m)
+                                      for q, (a, b), m in zip(chunk, pairs, plans)]
+                            extra = [{"plan": m} for m in plans]
+                        else:
+                            build = prompts.judge_vrp_messages if args.method == "vrp" else prompts.judge_mrp_messages
+                            judged = [build(q["question"], a, b) for q, (a, b) in zip(chunk, pairs)]
+                        completions, responses = sample(model, [render(m) for m in judged], args.max_completion_length)
+                    verdicts = [parse_verdict(r) for r in responses]
                     grades = [float(v == g) for v, g in zip(verdicts, golds)]
                     for x, v, g, c in zip(extra, verdicts, golds, completions):
-                        x |= {"gold": g, "extracted": v, "num_tokens": len(c.ids), "truncated": c.truncated}
+                        x |= {"gold": g, "extracted": v}
+                        if c is not None:
+                            x |= {"num_tokens": len(c.ids), "truncated": c.truncated}
                 elif args.method in ("vrp", "mrp"):
                     build = prompts.vrp_messages if args.method == "vrp" else prompts.mrp_messages
                     completions, responses = sample(model, [render(build(q["question"])) for q in chunk],
@@ -297,14 +337,10 @@ def main(args: Args) -> None:
                     extra = [{"plan": m, "num_tokens": len(c.ids), "truncated": c.truncated}
                              for m, c in zip(plans, completions)]
                 else:
-                    def generate_fn(role, prompt_ids):
-                        return sample(model, prompt_ids, args.max_completion_length, (prompts.FINISH_FLAG,))[0] if prompt_ids else []
-
                     trajs = multi_turn_rollout(chunk, generate_fn, tokenizer, args.max_turns, args.max_context_length,
                                                args.stop_when_truncated)
                     responses = [tr.final_response for tr in trajs]
-                    extra = [{"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
-                              "finish": REASONS[tr.reason]} for tr in trajs]
+                    extra = [conversation_record(tr) for tr in trajs]
                 if not judge:
                     grades = grader.grade(responses, [q["answer"] for q in chunk])
                 for q, response, grade, x in zip(chunk, responses, grades, extra):
@@ -317,6 +353,8 @@ def main(args: Args) -> None:
         progress.close()
         if grader is not None:
             grader.close()
+        if args.backend == "vllm":
+            engine.close()
     accelerator.wait_for_everyone()
 
     # ---- the table, from every process's records (old and new) ----

@@ -55,9 +55,11 @@ from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.batch import collate, select
 from utils.distributed import make_accelerator, shard, weights_are_sharded
 from utils.generation import Completion, generate
-from utils.grading import Grader
+from utils.grading import Grader, parse_verdict
+from utils.judge_data import is_rewardbench, load_judge_examples
 from utils.models import Agent, build_agents, end_of_turn_ids, load_tokenizer, resolve_model
 from utils.tracking import RunLogger
+from utils.vllm_engine import VLLMEngine, policy_weights, probe_gap, trainer_logprobs
 
 ROLES = ["meta_thinking", "reasoning"]  # the MTA always speaks first
 PREFIX = {"meta_thinking": "meta", "reasoning": "reas"}
@@ -99,10 +101,21 @@ class Args:
     untrained model's 64-token turns are cut and stopping there leaves almost no reward to learn from)"""
 
     # ---- data ----
+    task: Literal["math", "judge"] = "math"
+    """math: answers graded against a gold answer; judge: pair ranking (LLM-as-a-Judge): the conversation's question
+    is the user question with both responses, and the RA's last answer must give the verdict [[A]] / [[B]]"""
     train_dataset: str = "arithmetic"
-    """'arithmetic' (built-in), a .jsonl/.json/.parquet file (e.g. ../shared/data/math_train_lv3to5.jsonl), or a hub id"""
+    """'arithmetic' (built-in), a .jsonl/.json/.parquet file (e.g. ../shared/data/math_train_lv3to5.jsonl), or a hub
+    id. judge: allenai/reward-bench (split here, see --judge_split) or a train.jsonl of `python -m utils.judge_data`"""
     eval_dataset: str = "arithmetic"
-    """held-out set; 'arithmetic' uses its test split, disjoint from the train split"""
+    """held-out set; 'arithmetic' uses its test split, disjoint from the train split. judge: 'arithmetic' means the
+    test split of --train_dataset (RewardBench970), or a file of judge items such as ../shared/data/judgebench_gpt4o.jsonl"""
+    judge_split: Literal["strict", "loose"] = "strict"
+    """judge, RewardBench source: strict (no instruction in both train and test; Table 1b) or loose (Table 2)"""
+    judge_train_size: int = 5000
+    """judge, RewardBench source: items in the train split (paper: 5000)"""
+    judge_test_size: int = 970
+    """judge, RewardBench source: items in the test split (paper: 970)"""
     question_field: str = "question"
     """field of a data row that holds the question"""
     answer_field: str = "answer"
@@ -135,7 +148,15 @@ class Args:
     top_k: int = 0
     """0 disables top-k (paper: -1 in vLLM terms)"""
     generation_batch_size: int = 64
-    """sequences per generate() call on each process"""
+    """sequences per generate() call on each process (HF backend)"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """generation: HF generate, or a vLLM engine colocated with each process (README: vLLM)"""
+    vllm_memory_utilization: float = 0.3
+    """vllm: share of the device's memory (on CPU: of RAM) the engine may take for its weights and KV cache"""
+    vllm_sleep: bool = True
+    """vllm: release the engine's memory during the update phase (vLLM supports it on CUDA / ROCm, not on CPU)"""
+    vllm_check: bool = True
+    """vllm: after every weight push, log the gap between the engine's and the trainer's log-probs on a probe"""
 
     # ---- optimisation ----
     scale_rewards: bool = True
@@ -243,6 +264,7 @@ class Trajectory:
     turns: list[Turn] = field(default_factory=list)  # in speaking order: m_1, y_1, m_2, y_2, ...
     ids: dict[str, list[int]] = field(default_factory=dict)  # role -> its view of the conversation, as token ids
     turn_ids: dict[str, list[int]] = field(default_factory=dict)  # role -> per token: own turn index t, or -1
+    sample_logp: dict[str, list[float]] = field(default_factory=dict)  # vLLM: role -> per token: sampler log-prob
     reason: int | None = None  # None while the conversation runs, then one of REASONS
     correct: float = 0.0
     reward: float = 0.0
@@ -258,11 +280,11 @@ class Trajectory:
 
 
 def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int, max_context_length: int,
-                       stop_when_truncated: bool) -> list[Trajectory]:
+                       stop_when_truncated: bool, reas_system: str = prompts.MULTITURN_REAS_SYSTEM) -> list[Trajectory]:
     """Run all conversations turn by turn; each agent's turn is one batched generate_fn(role, prompt ids) call over
     every live conversation. A conversation ends normally when the MTA has written [FINISH] and the RA has answered;
     otherwise when a prompt would exceed max_context_length, when a turn is truncated (if stop_when_truncated), or
-    after max_turns turns."""
+    after max_turns turns. reas_system: the RA's system prompt (the judge task asks for a verdict, not a box)."""
     pieces = prompts.ChatPieces.from_tokenizer(tokenizer)
     closing = tokenizer(pieces.closing, add_special_tokens=False)["input_ids"]  # e.g. [<|im_end|>, "\n"]
 
@@ -278,7 +300,7 @@ def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int
                     continue
                 if role not in tr.ids:  # this agent's first turn: render its opening messages (spec 1.2)
                     messages = (prompts.multiturn_meta_messages(tr.question) if role == "meta_thinking"
-                                else prompts.multiturn_reas_messages(tr.question, tr.turns[-1].text))
+                                else prompts.multiturn_reas_messages(tr.question, tr.turns[-1].text, reas_system))
                     context = prompts.render(tokenizer, messages)
                 else:  # its own sampled ids so far, then the other agent's last message as a user turn
                     context = tr.ids[role] + user_turn(tr.turns[-1].text)
@@ -296,6 +318,9 @@ def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int
                 before = tr.turn_ids.get(role, [])
                 tr.turn_ids[role] = before + [-1] * (len(context) - len(before)) + [t] * len(c.ids) + [-1] * len(tail)
                 tr.ids[role] = context + c.ids + tail
+                if c.logprobs is not None:  # vLLM's log-probs, aligned with ids (NaN where nothing was sampled)
+                    lp = tr.sample_logp.get(role, [])
+                    tr.sample_logp[role] = lp + [math.nan] * (len(context) - len(lp)) + c.logprobs + [math.nan] * len(tail)
                 text = tokenizer.decode(c.ids, skip_special_tokens=True).strip()
                 if role == "reasoning":
                     text = text.replace(prompts.FINISH_FLAG, "").rstrip()
@@ -428,6 +453,9 @@ def validate(args: Args, accelerator) -> None:
     need(args.num_generations >= 1, "--num_generations must be >= 1")
     need(args.max_turns >= 1 and args.max_completion_length >= 1, "--max_turns and --max_completion_length must be >= 1")
     need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
+    need(args.task == "math" or args.train_dataset != "arithmetic",
+         "--task judge trains on RewardBench: pass --train_dataset allenai/reward-bench (split here by --judge_split) "
+         "or a train.jsonl written by `python -m utils.judge_data`")
     need(args.clip_mode == "turn" or args.ratio_form == "geometric",
          "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
     need(args.dual_clip > 1, "--dual_clip must be > 1 (it caps the loss of negative advantages at -A c)")
@@ -459,10 +487,21 @@ def main(args: Args) -> None:
     sharded = weights_are_sharded(accelerator)  # FSDP / ZeRO-3: generation must run in lock-step on every process
 
     # ---- data ----
-    train_set = load_examples(args.train_dataset, args.question_field, args.answer_field, args.train_split,
-                              seed=args.seed, arithmetic=args.arithmetic)
-    eval_set = load_examples(args.eval_dataset, args.question_field, args.answer_field, args.eval_split,
-                             limit=args.eval_limit, seed=args.seed, arithmetic=args.arithmetic)
+    if args.task == "judge":  # the conversation's question is the whole pair; the answer is the verdict "A" / "B"
+        split = dict(mode=args.judge_split, train_size=args.judge_train_size, test_size=args.judge_test_size, seed=args.seed)
+        eval_source = args.train_dataset if args.eval_dataset == "arithmetic" else args.eval_dataset
+        if not is_rewardbench(eval_source) and eval_source == args.train_dataset:
+            raise SystemExit("rema_multiturn.py: --task judge with a file of items as --train_dataset needs an "
+                             "--eval_dataset (the test.jsonl written with it, or ../shared/data/judgebench_gpt4o.jsonl)")
+        train_set, eval_set = [
+            [{"question": prompts.judge_pair_text(it["question"], it["response_A"], it["response_B"]), "answer": it["answer"]}
+             for it in load_judge_examples(source, which, limit=limit, **split)]
+            for source, which, limit in ((args.train_dataset, "train", None), (eval_source, "test", args.eval_limit))]
+    else:
+        train_set = load_examples(args.train_dataset, args.question_field, args.answer_field, args.train_split,
+                                  seed=args.seed, arithmetic=args.arithmetic)
+        eval_set = load_examples(args.eval_dataset, args.question_field, args.answer_field, args.eval_split,
+                                 limit=args.eval_limit, seed=args.seed, arithmetic=args.arithmetic)
 
     # ---- models: one shared policy, or one per agent ----
     with accelerator.main_process_first():  # the GGUF -> safetensors conversion happens once
@@ -473,6 +512,15 @@ def main(args: Args) -> None:
     agents = build_agents(args, accelerator, path, {n: args.max_completion_length for n in names})
     agent_of = {role: agents["policy"] if args.param_sharing else agents[role] for role in ROLES}
     set_seed(args.seed, device_specific=True)  # then a different sampling stream per process (seed + rank)
+    engine = None
+    if args.backend == "vllm":  # one engine per process; it holds the weights of the agent it generates for
+        engine = VLLMEngine(path, max_model_len=args.max_context_length + args.max_completion_length,
+                            memory_utilization=args.vllm_memory_utilization, seed=args.seed + rank,
+                            sleep=args.vllm_sleep, distributed=world > 1)
+        probe_ids = prompts.render(tokenizer, prompts.multiturn_meta_messages("What is 12 + 30?")) + tokenizer(
+            "Add the two numbers. [FINISH]", add_special_tokens=False)["input_ids"]
+        probe_start = {}  # agent -> the trainer's probe log-probs before its first update: how far training moved
+    version = {name: 0 for name in agents}  # optimizer steps taken by each agent: the version of its weights
     grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
     logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
                        wandb_entity=args.wandb_entity, run_name=args.exp_name)
@@ -484,6 +532,13 @@ def main(args: Args) -> None:
             model.set_adapter(agent.adapter)  # also makes only this adapter trainable
         return model
 
+    def generator(agent: Agent):
+        """What samples for `agent`: its model, or the vLLM engine holding the agent's current weights."""
+        if engine is None:
+            return unwrapped(agent)
+        engine.hold(agent.name, version[agent.name], lambda: policy_weights(unwrapped(agent), agent.adapter))
+        return engine
+
     # ---- ROLLOUT: every turn of every live conversation is generated in one batched call per agent ----
     def rollout(items: list[dict], temperature: float, desc: str) -> list[Trajectory]:
         def generate_fn(role: str, prompt_ids: list[list[int]]) -> list[Completion]:
@@ -493,7 +548,7 @@ def main(args: Args) -> None:
                 prompt_ids = prompt_ids + [filler] * (n - n_local)
             if not prompt_ids:
                 return []
-            completions = generate(unwrapped(agent_of[role]), tokenizer, prompt_ids,
+            completions = generate(generator(agent_of[role]), tokenizer, prompt_ids,
                                    max_new_tokens=args.max_completion_length, temperature=temperature,
                                    top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
                                    stop_strings=(prompts.FINISH_FLAG,), batch_size=args.generation_batch_size,
@@ -501,10 +556,14 @@ def main(args: Args) -> None:
                                    synced_gpus=sharded)
             return completions[:n_local]
 
+        reas_system = prompts.MULTITURN_JUDGE_REAS_SYSTEM if args.task == "judge" else prompts.MULTITURN_REAS_SYSTEM
         trajs = multi_turn_rollout(items, generate_fn, tokenizer, args.max_turns, args.max_context_length,
-                                   args.stop_when_truncated)
-        # ---- REWARD (spec 3.3): the RA's final answer, masked unless the MTA finished ----
-        correct = grader.grade([tr.final_response for tr in trajs], [tr.answer for tr in trajs])
+                                   args.stop_when_truncated, reas_system)
+        # ---- REWARD (spec 3.3): the RA's final answer (judge: its verdict), masked unless the MTA finished ----
+        if args.task == "judge":
+            correct = [float(parse_verdict(tr.final_response) == tr.answer) for tr in trajs]
+        else:
+            correct = grader.grade([tr.final_response for tr in trajs], [tr.answer for tr in trajs])
         for tr, c in zip(trajs, correct):
             tr.correct = c
             tr.reward = trajectory_reward(c, tr.reason, args.mask_unfinished_reward)
@@ -543,7 +602,9 @@ def main(args: Args) -> None:
                         turn_ids=[s[2] for s in seqs])
         batch["advantages"] = traj_adv.repeat(len(roles))  # (N,): both agents share the trajectory's advantage
         N = len(seqs)
-        need_old = args.num_iterations > 1 or args.num_mini_batches > 1
+        # pi_old is recomputed by the trainer whenever the ratio needs it, and always with vLLM (spec 3.5: the
+        # sampler's own log-probs differ from the trainer's by kernels and precision)
+        need_old = args.num_iterations > 1 or args.num_mini_batches > 1 or engine is not None
         if need_old:  # pi_old: the policy that sampled the rollout, recomputed before any update (spec 3.5)
             with torch.no_grad():
                 olds = []
@@ -552,6 +613,19 @@ def main(args: Args) -> None:
                     lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
                     olds.append(torch.nn.functional.pad(lp, (0, batch["turn_ids"].shape[1] - lp.shape[1])))
                 batch["old_logp"] = torch.cat(olds)  # (N, C)
+        sampler_gap = None
+        if engine is not None and all(role in tr.sample_logp for role in roles for tr in trajs):
+            sampler = torch.zeros_like(batch["old_logp"])  # (N, C): vLLM's log-prob of each trained token
+            for i, (role, tr) in enumerate((role, tr) for role in roles for tr in trajs):
+                start = len(seqs[i][0])
+                lp = tr.sample_logp[role][start : start + len(seqs[i][1])]
+                sampler[i, : len(lp)] = torch.tensor(lp, device=device).nan_to_num(0.0)
+            trained = (batch["turn_ids"] >= 0).float()
+            sampler_gap = ((batch["old_logp"] - sampler).abs() * trained).sum()
+        if engine is not None:
+            if args.vllm_check and agent.name not in probe_start:
+                probe_start[agent.name] = trainer_logprobs(unwrapped(agent), probe_ids)
+            engine.sleep()  # the update phase needs the memory (where vLLM supports sleeping)
 
         eps_high = args.epsilon if args.epsilon_high is None else args.epsilon_high
         sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, clip_dual=0.0, units=0.0, entropy=0.0, tokens=0.0,
@@ -594,7 +668,7 @@ def main(args: Args) -> None:
                               sums["entropy"], sums["tokens"], sums["loss"]], device=device)
         zero_std, groups, c_low, c_high, c_dual, units, ent, tok, loss_sum = accelerator.reduce(local, reduction="sum").tolist()
         p = "train" if args.param_sharing else f"train/{PREFIX[roles[0]]}"
-        return {
+        metrics = {
             "rollout/frac_reward_zero_std": zero_std / groups,
             "rollout/reward_std": float(accelerator.gather(rewards).std()) if world * len(rewards) > 1 else 0.0,
             f"{p}/clip_ratio/low_mean": c_low / max(units, 1),
@@ -607,6 +681,19 @@ def main(args: Args) -> None:
             f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"],
             f"{p}/tokens": tok,
         }
+        version[agent.name] += 1
+        if engine is not None:  # push the new weights now, and check that the engine follows them
+            t0 = time.time()
+            engine.hold(agent.name, version[agent.name], lambda: policy_weights(unwrapped(agent), agent.adapter))
+            metrics["time/weight_sync"] = time.time() - t0
+            if sampler_gap is not None:
+                metrics["vllm/sampler_logprob_gap"] = accelerator.reduce(sampler_gap, reduction="sum").item() / max(tok, 1)
+            if args.vllm_check:
+                gap, probe = probe_gap(engine, unwrapped(agent), probe_ids)
+                drift = sum(abs(a - b) for a, b in zip(probe, probe_start[agent.name])) / len(probe)
+                gap, drift = accelerator.reduce(torch.tensor([gap, drift], device=device), reduction="mean").tolist()
+                metrics |= {"vllm/probe_logprob_gap": gap, "vllm/probe_logprob_drift": drift}
+        return metrics
 
     # ---- SCHEDULE: total_steps steps over shuffled epochs of the train set; with separate parameters the trained
     # agent switches every switch_freq steps, MTA first ----
@@ -669,6 +756,8 @@ def main(args: Args) -> None:
         print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
     logger.close()
     grader.close()
+    if engine is not None:
+        engine.close()
     accelerator.end_training()
 
 

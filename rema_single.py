@@ -32,7 +32,8 @@ Departures from the paper / official code, all deliberate:
 import math
 import random
 import time
-from contextlib import nullcontext
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -48,9 +49,11 @@ from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.batch import collate, select
 from utils.distributed import make_accelerator, shard, weights_are_sharded
 from utils.generation import Completion, generate
-from utils.grading import Grader, extract_boxed, has_boxed
+from utils.grading import Grader, extract_boxed, has_boxed, parse_verdict, states_verdict
+from utils.judge_data import is_rewardbench, load_judge_examples
 from utils.models import Agent, build_agents, end_of_turn_ids, load_tokenizer, resolve_model
 from utils.tracking import RunLogger
+from utils.vllm_engine import VLLMEngine, policy_weights, probe_gap, trainer_logprobs
 
 AGENTS = {"rema": ["meta_thinking", "reasoning"], "vrp": ["policy"], "mrp": ["policy"]}
 PREFIX = {"meta_thinking": "meta", "reasoning": "reas", "policy": "policy"}
@@ -107,10 +110,22 @@ class Args:
     """D_l: plans the MTA samples (temperature 1.0) for each kept question (paper: 4)"""
 
     # ---- data ----
+    task: Literal["math", "judge"] = "math"
+    """math: answers graded against a gold answer; judge: pair ranking (LLM-as-a-Judge, Tables 1b / 2): the verdict
+    [[A]] / [[B]] against the label, on RewardBench items"""
     train_dataset: str = "arithmetic"
-    """'arithmetic' (built-in), a .jsonl/.json/.parquet file (e.g. ../shared/data/math_train_lv3to5.jsonl), or a hub id"""
+    """'arithmetic' (built-in), a .jsonl/.json/.parquet file (e.g. ../shared/data/math_train_lv3to5.jsonl), or a hub
+    id. judge: allenai/reward-bench (split here, see --judge_split) or a train.jsonl of `python -m utils.judge_data`"""
     eval_dataset: str = "arithmetic"
-    """held-out set; 'arithmetic' uses its test split, disjoint from the train split"""
+    """held-out set; 'arithmetic' uses its test split, disjoint from the train split. judge: 'arithmetic' means the
+    test split of --train_dataset (RewardBench970), or a file of judge items such as ../shared/data/judgebench_gpt4o.jsonl"""
+    judge_split: Literal["strict", "loose"] = "strict"
+    """judge, RewardBench source: strict (no instruction in both train and test; Table 1b) or loose (no identical
+    item in both; Table 2)"""
+    judge_train_size: int = 5000
+    """judge, RewardBench source: items in the train split (paper: 5000)"""
+    judge_test_size: int = 970
+    """judge, RewardBench source: items in the test split (paper: 970)"""
     question_field: str = "question"
     """field of a data row that holds the question"""
     answer_field: str = "answer"
@@ -142,7 +157,17 @@ class Args:
     reas_max_completion_length: int = 96
     """max new tokens of a solution, also the VRP / MRP reply (paper: 2048)"""
     generation_batch_size: int = 64
-    """sequences per generate() call on each process"""
+    """sequences per generate() call on each process (HF backend)"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """rollout and evaluation generation: HF generate, or a vLLM engine colocated with each process (README: vLLM)"""
+    vllm_memory_utilization: float = 0.3
+    """vllm: share of the device's memory (on CPU: of RAM) the engine may take for its weights and KV cache"""
+    vllm_max_model_len: int | None = None
+    """vllm: the longest prompt + completion, in tokens, the engine accepts (None: the model's limit)"""
+    vllm_sleep: bool = True
+    """vllm: release the engine's memory during the update phase (vLLM supports it on CUDA / ROCm, not on CPU)"""
+    vllm_check: bool = True
+    """vllm: after every weight push, log the gap between the engine's and the trainer's log-probs on a probe"""
 
     # ---- optimisation ----
     advantage_estimator: Literal["reinforce_pp", "grpo", "rloo"] = "reinforce_pp"
@@ -231,22 +256,29 @@ def completion_logprobs(model, batch: dict, temperature: float, autocast, with_e
 # ----------------------------------------------------------------------------------------------------------------
 # Rewards (App. C.2, App. E.1)
 # ----------------------------------------------------------------------------------------------------------------
-def reas_reward(correct: float, solution: str) -> float:
-    """R_l: +1 correct, -0.5 wrong but in the answer format, -1 no \\boxed answer."""
+def in_format(text: str, task: str) -> bool:
+    """The answer format: a \\boxed{} answer (math), or exactly one verdict [[A]] / [[B]] (judge)."""
+    return has_boxed(text) if task == "math" else parse_verdict(text) is not None
+
+
+def reas_reward(correct: float, solution: str, task: str = "math") -> float:
+    """R_l: +1 correct, -0.5 wrong but in the answer format, -1 not in the format (no \\boxed answer; no verdict)."""
     if correct > 0:
         return 1.0
-    return -0.5 if has_boxed(solution) else -1.0
+    return -0.5 if in_format(solution, task) else -1.0
 
 
-def meta_reward(plan: str, solutions: list[str], correct: list[float], kind: str) -> float:
-    """R_h for one plan from the K RA solutions written under it; -1 if the plan itself states a boxed answer."""
+def meta_reward(plan: str, solutions: list[str], correct: list[float], kind: str, task: str = "math") -> float:
+    """R_h for one plan from the K RA solutions written under it; -1 if the plan itself states the answer (a boxed
+    answer; for the judge, a verdict [[A]] / [[B]])."""
     if kind == "accuracy":
         score = sum(correct) / len(correct)
     else:  # consistency (App. E.1): share of the most common answer, 0 if most solutions give no answer
-        answers = [extract_boxed(s) for s in solutions]
+        answers = [extract_boxed(s) if task == "math" else parse_verdict(s) for s in solutions]
         given = [a.replace(" ", "") for a in answers if a]
         score = 0.0 if len(given) * 2 < len(answers) else max(given.count(a) for a in set(given)) / len(answers)
-    return score - (1.0 if has_boxed(plan) else 0.0)
+    leaked = has_boxed(plan) if task == "math" else states_verdict(plan)
+    return score - (1.0 if leaked else 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +385,9 @@ def validate(args: Args, accelerator) -> None:
     need(args.meta_reward != "consistency" or (args.reas_samples_per_plan or args.num_generations) >= 2,
          "--meta_reward consistency needs --reas_samples_per_plan >= 2")
     need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
+    need(args.task == "math" or args.train_dataset != "arithmetic",
+         "--task judge trains on RewardBench: pass --train_dataset allenai/reward-bench (split here by --judge_split) "
+         "or a train.jsonl written by `python -m utils.judge_data`")
     per_rank = args.rollout_batch_size // world_size * args.num_generations
     if args.mini_batch_size is not None:
         need(args.mini_batch_size % world_size == 0 and (args.rollout_batch_size * args.num_generations) % args.mini_batch_size == 0,
@@ -384,10 +419,19 @@ def main(args: Args) -> None:
     sharded = weights_are_sharded(accelerator)  # FSDP / ZeRO-3: generation must run in lock-step on every process
 
     # ---- data ----
-    train_set = load_examples(args.train_dataset, args.question_field, args.answer_field, args.train_split,
-                              seed=args.seed, arithmetic=args.arithmetic)
-    eval_set = load_examples(args.eval_dataset, args.question_field, args.answer_field, args.eval_split,
-                             limit=args.eval_limit, seed=args.seed, arithmetic=args.arithmetic)
+    if args.task == "judge":  # items {question, response_A, response_B, answer: "A" | "B"}
+        split = dict(mode=args.judge_split, train_size=args.judge_train_size, test_size=args.judge_test_size, seed=args.seed)
+        train_set = load_judge_examples(args.train_dataset, "train", **split)
+        eval_source = args.train_dataset if args.eval_dataset == "arithmetic" else args.eval_dataset
+        if not is_rewardbench(eval_source) and eval_source == args.train_dataset:
+            raise SystemExit("rema_single.py: --task judge with a file of items as --train_dataset needs an --eval_dataset "
+                             "(the test.jsonl written with it, or ../shared/data/judgebench_gpt4o.jsonl)")
+        eval_set = load_judge_examples(eval_source, "test", limit=args.eval_limit, **split)
+    else:
+        train_set = load_examples(args.train_dataset, args.question_field, args.answer_field, args.train_split,
+                                  seed=args.seed, arithmetic=args.arithmetic)
+        eval_set = load_examples(args.eval_dataset, args.question_field, args.answer_field, args.eval_split,
+                                 limit=args.eval_limit, seed=args.seed, arithmetic=args.arithmetic)
 
     # ---- models ----
     with accelerator.main_process_first():  # the GGUF -> safetensors conversion happens once
@@ -398,6 +442,14 @@ def main(args: Args) -> None:
                "policy": args.reas_max_completion_length}
     agents = build_agents(args, accelerator, path, {n: lengths[n] for n in AGENTS[args.mode]}, reference=args.beta > 0)
     set_seed(args.seed, device_specific=True)  # then a different sampling stream per process (seed + rank)
+    engine = None
+    if args.backend == "vllm":
+        engine = VLLMEngine(path, max_model_len=args.vllm_max_model_len, memory_utilization=args.vllm_memory_utilization,
+                            seed=args.seed + rank, sleep=args.vllm_sleep, distributed=world > 1)
+        probe_ids = prompts.render(tokenizer, prompts.vrp_messages("What is 12 + 30?")) + tokenizer(
+            "12 + 30 = 42, so the answer is \\boxed{42}.", add_special_tokens=False)["input_ids"]
+        probe_start = {}  # agent -> the trainer's probe log-probs before its first update: how far training moved
+    version = {name: 0 for name in agents}  # optimizer steps taken by each agent: the version of its weights
     grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
     logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
                        wandb_entity=args.wandb_entity, run_name=args.exp_name)
@@ -408,33 +460,72 @@ def main(args: Args) -> None:
             model.set_adapter(agent.adapter)  # also makes only this adapter trainable
         return model
 
+    phase_time = defaultdict(float)  # seconds per phase of the current step (logged as time/<phase>)
+
+    @contextmanager
+    def timed(phase: str):
+        t0 = time.perf_counter()
+        yield
+        phase_time[phase] += time.perf_counter() - t0
+
+    def generator(agent: Agent):
+        """What samples for `agent`: its model, or the vLLM engine holding the agent's current weights."""
+        if engine is None:
+            return unwrapped(agent)
+        engine.hold(agent.name, version[agent.name], lambda: policy_weights(unwrapped(agent), agent.adapter))
+        return engine
+
     def sample(agent: Agent, prompt_ids: list[list[int]], temperature: float, desc: str) -> tuple[list[Completion], list[str]]:
-        completions = generate(unwrapped(agent), tokenizer, prompt_ids, max_new_tokens=agent.max_completion_length,
-                               temperature=temperature, top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
-                               batch_size=args.generation_batch_size, autocast_dtype=gen_dtype,
-                               show_progress=main_proc, desc=desc, synced_gpus=sharded)
+        with timed("weight_sync"):
+            policy = generator(agent)
+        with timed("generate"):
+            completions = generate(policy, tokenizer, prompt_ids, max_new_tokens=agent.max_completion_length,
+                                   temperature=temperature, top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
+                                   batch_size=args.generation_batch_size, autocast_dtype=gen_dtype,
+                                   show_progress=main_proc, desc=desc, synced_gpus=sharded)
         return completions, [tokenizer.decode(c.ids, skip_special_tokens=True).strip() for c in completions]
 
     def render(messages):
         return prompts.render(tokenizer, messages)
 
-    single_agent_messages = prompts.vrp_messages if args.mode == "vrp" else prompts.mrp_messages
+    # ---- TASK: the prompts and the grading of a math question, or of a judge item (question + two responses) ----
+    judge = args.task == "judge"
+
+    def meta_prompt(it: dict) -> list[int]:
+        return render(prompts.judge_meta_messages(it["question"]) if judge else prompts.meta_messages(it["question"]))
+
+    def reas_prompt(it: dict, plan: str) -> list[int]:
+        if judge:
+            return render(prompts.judge_reas_messages(it["question"], it["response_A"], it["response_B"], plan))
+        return render(prompts.reas_messages(it["question"], plan))
+
+    def single_prompt(it: dict) -> list[int]:  # VRP / MRP
+        if judge:
+            build = prompts.judge_vrp_messages if args.mode == "vrp" else prompts.judge_mrp_messages
+            return render(build(it["question"], it["response_A"], it["response_B"]))
+        return render((prompts.vrp_messages if args.mode == "vrp" else prompts.mrp_messages)(it["question"]))
+
+    def score(texts: list[str], items: list[dict]) -> list[float]:
+        """1.0 for a right answer (math-verify against the gold) or verdict (strictly parsed, against the label)."""
+        with timed("rewards"):
+            if judge:
+                return [float(parse_verdict(t) == it["answer"]) for t, it in zip(texts, items)]
+            return grader.grade(texts, [it["answer"] for it in items])
 
     # ---- ROLLOUT: one function per kind of training step; each returns sequences and one reward per sequence ----
     def rollout_reasoning(items: list[dict], agent: Agent, G: int) -> dict:
         """RA step: items hold (question, plan); the RA samples G solutions per item; reward R_l."""
         if args.mode == "rema" and "plan" not in items[0]:  # schedule=switch: the frozen MTA plans on the fly
-            _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(it["question"])) for it in items],
+            _, plans = sample(agents["meta_thinking"], [meta_prompt(it) for it in items],
                               args.temperature, "rollout meta_thinking (frozen)")
             items = [it | {"plan": m} for it, m in zip(items, plans)]
         if args.mode == "rema":
-            prompt_ids = [render(prompts.reas_messages(it["question"], it["plan"])) for it in items for _ in range(G)]
+            prompt_ids = [reas_prompt(it, it["plan"]) for it in items for _ in range(G)]
         else:
-            prompt_ids = [render(single_agent_messages(it["question"])) for it in items for _ in range(G)]
+            prompt_ids = [single_prompt(it) for it in items for _ in range(G)]
         completions, texts = sample(agent, prompt_ids, args.temperature, f"rollout {agent.name}")
-        golds = [it["answer"] for it in items for _ in range(G)]
-        correct = grader.grade(texts, golds)
-        rewards = [reas_reward(c, t) for c, t in zip(correct, texts)]
+        correct = score(texts, [it for it in items for _ in range(G)])
+        rewards = [reas_reward(c, t, args.task) for c, t in zip(correct, texts)]
         shows = [dict(question=it["question"], plan=it.get("plan"), solution=texts[i * G], gold=it["answer"],
                       reward=rewards[i * G]) for i, it in enumerate(items)]
         return dict(prompt_ids=prompt_ids, completions=completions, rewards=rewards, correct=correct, texts=texts, shows=shows)
@@ -442,15 +533,14 @@ def main(args: Args) -> None:
     def rollout_meta(items: list[dict], agent: Agent, G: int) -> dict:
         """MTA step: the MTA samples G plans per question; the frozen RA writes K solutions under each; reward R_h."""
         reas = agents["reasoning"]
-        prompt_ids = [render(prompts.meta_messages(it["question"])) for it in items for _ in range(G)]
+        prompt_ids = [meta_prompt(it) for it in items for _ in range(G)]
         completions, plans = sample(agent, prompt_ids, args.temperature, "rollout meta_thinking")
-        questions = [it["question"] for it in items for _ in range(G)]
-        golds = [it["answer"] for it in items for _ in range(G)]
-        reas_prompts = [render(prompts.reas_messages(q, m)) for q, m in zip(questions, plans) for _ in range(K)]
+        planned = [it for it in items for _ in range(G)]  # the item of each plan
+        reas_prompts = [reas_prompt(it, m) for it, m in zip(planned, plans) for _ in range(K)]
         _, solutions = sample(reas, reas_prompts, args.temperature, "rollout reasoning (frozen)")
-        correct = grader.grade(solutions, [g for g in golds for _ in range(K)])
-        rewards = [meta_reward(plans[i], solutions[i * K:(i + 1) * K], correct[i * K:(i + 1) * K], args.meta_reward)
-                   for i in range(len(plans))]
+        correct = score(solutions, [it for it in planned for _ in range(K)])
+        rewards = [meta_reward(plans[i], solutions[i * K:(i + 1) * K], correct[i * K:(i + 1) * K], args.meta_reward,
+                               args.task) for i in range(len(plans))]
         shows = [dict(question=it["question"], plan=plans[i * G], solution=solutions[i * G * K], gold=it["answer"],
                       reward=rewards[i * G]) for i, it in enumerate(items)]
         return dict(prompt_ids=prompt_ids, completions=completions, rewards=rewards, correct=correct, texts=plans, shows=shows)
@@ -471,25 +561,21 @@ def main(args: Args) -> None:
         if args.filter:
             repeated = [q for q in mine for _ in range(S)]  # S answers per question estimate succ(x)
             if agent_name == "meta_thinking":  # D_h: S plans at T = 1, one greedy RA solution under each
-                _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q["question"])) for q in repeated],
-                                  1.0, "filter D_h: plans")
-                _, answers = sample(agents["reasoning"], [render(prompts.reas_messages(q["question"], m))
-                                                          for q, m in zip(repeated, plans)], 0.0, "filter D_h: solutions")
+                _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in repeated], 1.0, "filter D_h: plans")
+                _, answers = sample(agents["reasoning"], [reas_prompt(q, m) for q, m in zip(repeated, plans)], 0.0,
+                                    "filter D_h: solutions")
             elif args.mode == "rema":  # D_l: one greedy plan, S RA solutions at T = 1 under it
-                _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q["question"])) for q in mine],
-                                  0.0, "filter D_l: greedy plans")
-                _, answers = sample(agents["reasoning"], [render(prompts.reas_messages(q["question"], m))
-                                                          for q, m in zip(mine, plans) for _ in range(S)], 1.0, "filter D_l: solutions")
+                _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in mine], 0.0, "filter D_l: greedy plans")
+                _, answers = sample(agents["reasoning"], [reas_prompt(q, m) for q, m in zip(mine, plans) for _ in range(S)],
+                                    1.0, "filter D_l: solutions")
             else:  # VRP / MRP baselines: S samples of the single agent at T = 1
-                _, answers = sample(agents["policy"], [render(single_agent_messages(q["question"])) for q in repeated],
-                                    1.0, "filter: samples")
-            correct = grader.grade(answers, [q["answer"] for q in repeated])
+                _, answers = sample(agents["policy"], [single_prompt(q) for q in repeated], 1.0, "filter: samples")
+            correct = score(answers, repeated)
             kept, succ_all = filter_by_success(mine, correct, S, args.filter_eps_min, args.filter_eps_max)
         if agent_name == "reasoning" and args.mode == "rema":
             # each kept question gets plans_per_question plans sampled at T = 1: the (x, m) inputs of D_l
             with_plans = [q for q in kept for _ in range(args.plans_per_question)]
-            _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q["question"])) for q in with_plans],
-                              1.0, "D_l: plans")
+            _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in with_plans], 1.0, "D_l: plans")
             kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
         kept = [q for q in kept if not q.pop("padding")]
         kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
@@ -504,17 +590,16 @@ def main(args: Args) -> None:
     # ---- EVALUATION: greedy pass@1 on the held-out set ----
     def evaluate() -> dict:
         mine, n_real = shard(eval_set, rank, world)
-        questions = [q["question"] for q in mine]
         meta_leak = []
         if args.mode == "rema":
-            _, plans = sample(agents["meta_thinking"], [render(prompts.meta_messages(q)) for q in questions], 0.0, "eval: plans")
-            meta_leak = [float(has_boxed(m)) for m in plans]
-            reas_prompts = [render(prompts.reas_messages(q, m)) for q, m in zip(questions, plans)]
+            _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in mine], 0.0, "eval: plans")
+            meta_leak = [float(has_boxed(m) if not judge else states_verdict(m)) for m in plans]
+            reas_prompts = [reas_prompt(q, m) for q, m in zip(mine, plans)]
             completions, sols = sample(agents["reasoning"], reas_prompts, 0.0, "eval: solutions")
         else:
-            completions, sols = sample(agents["policy"], [render(single_agent_messages(q)) for q in questions], 0.0, "eval")
-        correct = grader.grade(sols, [q["answer"] for q in mine])
-        rows = gather_object([(c, float(has_boxed(s)), len(x.ids)) for c, s, x in zip(correct, sols, completions)][:n_real])
+            completions, sols = sample(agents["policy"], [single_prompt(q) for q in mine], 0.0, "eval")
+        correct = score(sols, mine)
+        rows = gather_object([(c, float(in_format(s, args.task)), len(x.ids)) for c, s, x in zip(correct, sols, completions)][:n_real])
         leaks = gather_object(meta_leak[:n_real])
         out = {"eval/accuracy": sum(r[0] for r in rows) / len(rows), "eval/boxed_ratio": sum(r[1] for r in rows) / len(rows),
                "eval/mean_length": sum(r[2] for r in rows) / len(rows)}
@@ -532,11 +617,14 @@ def main(args: Args) -> None:
         rewards = torch.tensor(rollout["rewards"], dtype=torch.float32, device=device)  # (N,)
         mb_global = args.mini_batch_size or args.rollout_batch_size * G
         mb_local = mb_global // world
-        need_old = args.num_iterations > 1 or mb_local < N or (args.beta > 0 and args.advantage_estimator == "reinforce_pp")
+        # pi_old is recomputed by the trainer whenever the ratio needs it, and always with vLLM (spec 3.5: the
+        # sampler's own log-probs differ from the trainer's by kernels and precision)
+        need_old = (args.num_iterations > 1 or mb_local < N or (args.beta > 0 and args.advantage_estimator == "reinforce_pp")
+                    or engine is not None)
         ref_needed = args.beta > 0
 
         # old and reference log-probs, without gradients
-        with torch.no_grad():
+        with torch.no_grad(), timed("logprobs"):
             if need_old or ref_needed:
                 old, ref = [], []
                 for idx in torch.arange(N, device=device).split(args.micro_batch_size):
@@ -556,6 +644,16 @@ def main(args: Args) -> None:
                     batch["old_logp"] = torch.cat(old) * mask  # (N, C)
                 if ref_needed:
                     batch["ref_logp"] = torch.cat(ref) * mask  # (N, C)
+        sampler_gap = None
+        if engine is not None and all(c.logprobs is not None for c in rollout["completions"]):
+            sampler = torch.zeros_like(mask)  # (N, C): vLLM's log-prob of each sampled token
+            for i, c in enumerate(rollout["completions"]):
+                sampler[i, : len(c.logprobs)] = torch.tensor(c.logprobs, device=device)
+            sampler_gap = ((batch["old_logp"] - sampler).abs() * mask).sum()
+        if engine is not None:
+            if args.vllm_check and agent.name not in probe_start:
+                probe_start[agent.name] = trainer_logprobs(model, probe_ids)
+            engine.sleep()  # the update phase needs the memory (where vLLM supports sleeping)
 
         # advantages, one value per token: (N, C)
         if args.advantage_estimator == "reinforce_pp":
@@ -569,6 +667,7 @@ def main(args: Args) -> None:
         kl_in_loss = args.beta if args.advantage_estimator != "reinforce_pp" else 0.0
         sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, tokens=0.0, grad_norm=0.0, steps=0)
         agent.model.train()
+        t_update = time.perf_counter()
         for _ in range(args.num_iterations):
             perm = torch.randperm(N, device=device)
             for mb in perm.split(mb_local):
@@ -605,6 +704,7 @@ def main(args: Args) -> None:
                 agent.optimizer.zero_grad(set_to_none=True)
                 sums["grad_norm"] += float(grad_norm)
                 sums["steps"] += 1
+        phase_time["update"] += time.perf_counter() - t_update
 
         # metrics over the global batch
         lengths = mask.sum(-1)
@@ -638,6 +738,17 @@ def main(args: Args) -> None:
         }
         if args.beta > 0:
             metrics[f"{p}/kl"] = kl / tok
+        version[agent.name] += 1
+        if engine is not None:  # push the new weights now, and check that the engine follows them
+            with timed("weight_sync"):
+                engine.hold(agent.name, version[agent.name], lambda: policy_weights(model, agent.adapter))
+            if sampler_gap is not None:
+                metrics["vllm/sampler_logprob_gap"] = accelerator.reduce(sampler_gap, reduction="sum").item() / tok
+            if args.vllm_check:
+                gap, probe = probe_gap(engine, model, probe_ids)
+                drift = sum(abs(a - b) for a, b in zip(probe, probe_start[agent.name])) / len(probe)
+                gap, drift = accelerator.reduce(torch.tensor([gap, drift], device=device), reduction="mean").tolist()
+                metrics |= {"vllm/probe_logprob_gap": gap, "vllm/probe_logprob_drift": drift}
         return metrics
 
     # ---- SCHEDULE ----
@@ -687,13 +798,15 @@ def main(args: Args) -> None:
             idx = idx[: len(idx) // world * world]  # every process gets the same number of items
             if idx:
                 t0 = time.time()
+                phase_time.clear()
                 items = [dataset[i] for i in idx[rank::world]]
                 rollout_fn = rollout_meta if agent.name == "meta_thinking" else rollout_reasoning
                 rollout = rollout_fn(items, agent, args.num_generations)
                 t_rollout = time.time() - t0
                 metrics = train_step(agent, rollout, args.num_generations)
                 state["step"] += 1
-                metrics |= {"time/rollout": t_rollout, "time/update": time.time() - t0 - t_rollout,
+                metrics |= {f"time/{k}": v for k, v in phase_time.items()}  # generate, rewards, logprobs, update, ...
+                metrics |= {"time/rollout": t_rollout,
                             "time/step": time.time() - t0, "time/elapsed": time.time() - t_run,
                             "train/agent": float(names.index(agent.name)), "train/phase": float(state["phase"]),
                             "grader/timeouts": float(grader.num_timeouts)}
@@ -732,6 +845,8 @@ def main(args: Args) -> None:
         print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
     logger.close()
     grader.close()
+    if engine is not None:
+        engine.close()
     accelerator.end_training()
 
 

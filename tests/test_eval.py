@@ -142,8 +142,9 @@ def test_judge_summary_by_hand():
 
 
 def test_judge_on_a_judgebench_slice_in_both_orders(tmp_path, tiny_model):
-    for method in ("vrp", "rema"):
-        out, stdout = run(tmp_path, tiny_model, "--task", "judge", "--method", method, "--limit", "3", name=method)
+    for method in ("vrp", "rema", "rema_multiturn"):
+        out, stdout = run(tmp_path, tiny_model, "--task", "judge", "--method", method, "--limit", "3", "--max_turns", "2",
+                          name=method)
         rows = records(out)
         assert sorted((r["index"], r["swapped"]) for r in rows) == [(i, s) for i in range(3) for s in (False, True)]
         source = [json.loads(line) for line in (ROOT.parent / "shared" / "data" / "judgebench_gpt4o.jsonl").read_text().splitlines()[:3]]

@@ -115,6 +115,11 @@ def has_boxed(text: str) -> bool:
 _VERDICT = re.compile(r"\[\[([AB])\]\]")
 
 
+def states_verdict(text: str) -> bool:
+    """True if `text` contains a verdict "[[A]]" or "[[B]]" at all (a judge's plan must not: the MTA's leak penalty)."""
+    return _VERDICT.search(text) is not None
+
+
 def parse_verdict(text: str) -> str | None:
     """The pair-ranking verdict "A" or "B" of a judge's reply, read strictly: exactly one of "[[A]]" / "[[B]]" must
     occur (any number of times). Both, neither, or another form ("[[a]]", "[A]", "A is better") give None."""

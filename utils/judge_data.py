@@ -246,6 +246,60 @@ def build_splits(rows: list[dict], mode: Literal["strict", "loose"], train_size:
     return [items[i] for i in train], [items[i] for i in test]
 
 
+PAIR_FIELDS = ("question", "response_A", "response_B", "label")
+LABELS = ("A>B", "B>A")
+
+
+def _check_item(item, where: str) -> dict:
+    """A pair-ranking item, checked, with "answer" set to the right verdict ("A" or "B")."""
+    if not isinstance(item, dict):
+        raise DataError(f"{where}: expected an object with fields {', '.join(PAIR_FIELDS)}, found {type(item).__name__}.")
+    missing = [f for f in PAIR_FIELDS if f not in item]
+    if missing:
+        raise DataError(f"{where}: missing field {', '.join(map(repr, missing))}; the row has fields {sorted(map(str, item))}. "
+                        f"Judge items need {', '.join(PAIR_FIELDS)} (RewardBench rows: prompt, chosen, rejected, subset, id).")
+    for field in ("question", "response_A", "response_B"):
+        if not isinstance(item[field], str):
+            raise DataError(f"{where}: field {field!r} must be a string, found {type(item[field]).__name__}: "
+                            f"{_short(item[field])}. Fix or remove the row.")
+    if not item["question"].strip():
+        raise DataError(f"{where}: field 'question' is empty. Fix or remove the row.")
+    if item["label"] not in LABELS:
+        raise DataError(f"{where}: field 'label' must be 'A>B' or 'B>A', found {_short(item['label'])}. Fix the row.")
+    return item | {"answer": item["label"][0]}
+
+
+def is_rewardbench(source: str) -> bool:
+    """True for RewardBench itself (a hub id, or a file whose first row has RewardBench's "chosen" column), False for
+    a file of pair-ranking items."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return True
+    first = next(_read_file(path), None)
+    return first is not None and isinstance(first[1], dict) and "chosen" in first[1]
+
+
+def load_judge_examples(source: str, split: str, *, limit: int | None = None, mode: Literal["strict", "loose"] = "strict",
+                        train_size: int = 5000, test_size: int = 970, seed: int = 0) -> list[dict]:
+    """Pair-ranking rows for training or evaluating a judge, each with "answer" = the right verdict ("A" / "B").
+
+    source: a file of items (a split written by this module's command line, or JudgeBench), read whole (`split` is
+    ignored); or RewardBench itself (a hub id, or a file with RewardBench's columns), split here by
+    :func:`build_splits` with `mode`, the sizes and `seed`, of which `split` ("train" or "test") is returned.
+    Problems raise DataError naming the file, the line and the field."""
+    if is_rewardbench(source):
+        if split not in ("train", "test"):
+            raise DataError(f"{source}: RewardBench is split here into 'train' and 'test'; got split {split!r}.")
+        train, test = build_splits(load_rewardbench(source), mode, train_size, test_size, seed)
+        items = [_check_item(item, f"{source} ({mode} split, {split} item {i})")
+                 for i, item in enumerate(train if split == "train" else test, start=1)]
+    else:
+        items = [_check_item(item, where) for where, item in _read_file(Path(source).expanduser())]
+    if not items:
+        raise DataError(f"{source}: no rows found. Pass a source with data.")
+    return items[:limit] if limit else items
+
+
 def write_jsonl(path: str | Path, items: list[dict]) -> None:
     """Write one JSON object per line (UTF-8, non-ASCII kept as is), creating the parent directories."""
     path = Path(path)

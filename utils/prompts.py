@@ -90,10 +90,11 @@ def multiturn_meta_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": MULTITURN_META_SYSTEM}, {"role": "user", "content": question}]
 
 
-def multiturn_reas_messages(question: str, plan: str) -> list[dict]:
-    """Multi-turn ReMA, the reasoning agent's first turn; the MTA's later turns follow as user turns (spec 1.2)."""
+def multiturn_reas_messages(question: str, plan: str, system: str = MULTITURN_REAS_SYSTEM) -> list[dict]:
+    """Multi-turn ReMA, the reasoning agent's first turn; the MTA's later turns follow as user turns (spec 1.2).
+    system: MULTITURN_REAS_SYSTEM (math), or MULTITURN_JUDGE_REAS_SYSTEM for the judge task."""
     user = MULTITURN_REAS_FIRST_USER.format(question=question, plan=plan)
-    return [{"role": "system", "content": MULTITURN_REAS_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 @dataclass(frozen=True)
@@ -198,3 +199,18 @@ def judge_mrp_messages(question: str, response_a: str, response_b: str) -> list[
     """MRP judge: one agent writes an evaluation plan, follows it, then gives the verdict."""
     user = JUDGE_PAIR.format(question=question, response_a=response_a, response_b=response_b)
     return [{"role": "system", "content": JUDGE_MRP_SYSTEM}, {"role": "user", "content": user}]
+
+
+# Multi-turn ReMA on the judge task (not in the paper, whose multi-turn runs are math only): the conversation's
+# question is the whole pair (JUDGE_PAIR), the MTA keeps its multi-turn prompt, and the RA's prompt asks for the
+# verdict instead of a boxed answer.
+MULTITURN_JUDGE_REAS_SYSTEM = (
+    "Please reason step by step follow the given instruction to compare the two responses, when asked to finalize "
+    "your answer, output your verdict by strictly following this format: \"[[A]]\" if assistant A is better, "
+    "\"[[B]]\" if assistant B is better."
+)
+
+
+def judge_pair_text(question: str, response_a: str, response_b: str) -> str:
+    """The judge task as one question text: the user question and both responses (multi-turn ReMA's question)."""
+    return JUDGE_PAIR.format(question=question, response_a=response_a, response_b=response_b)
