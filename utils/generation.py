@@ -5,13 +5,24 @@
 ReMA stops at "[FINISH]"). The training scripts recompute log-probabilities themselves, so a backend only has to
 return ids. `model` is an HF model, or a `utils.vllm_engine.VLLMEngine` (`--backend vllm`), which also returns its
 sampling log-probs.
+
+Seeded sampling (`seeds`, one per prompt) makes a prompt's completion a function of its own seed alone: not of the
+other prompts in its batch, of the batch size, or of the process that generates it. So a 2-process run and a
+1-process run with the same seeds sample the same completions, and a resumed run re-samples exactly (given the same
+weights and the same kernels: the logits themselves still differ by float rounding across devices and batch shapes).
+The HF path gives each prompt its own `torch.Generator` and samples each token by the inverse CDF of the warped
+softmax (`SeededSampler`); vLLM takes a seed per request.
 """
 
+import hashlib
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                          TopPLogitsWarper)
 
 
 @dataclass
@@ -38,6 +49,45 @@ def _cut(ids: list[int], stop_ids: set[int], tokenizer=None, stop_strings: tuple
     return Completion(kept, truncated=end is None)
 
 
+def sample_seed(*key: int | str) -> int:
+    """A seed in [0, 2**32) that depends on `key` alone, e.g. (run seed, step, question index, sample index, agent):
+    the same on every process and in a resumed run, so a sample does not depend on where or when it is drawn."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+
+
+class SeededSampler(LogitsProcessor):
+    """Sampling with one random stream per sequence, for HF `generate(do_sample=False)`: each step this processor
+    samples the token itself and returns scores whose argmax is that token (0 for it, -inf elsewhere), so greedy
+    decoding emits it.
+
+    Row r of the batch draws one uniform u per step from its own generator seeded with seeds[r], so the t-th token
+    of a sequence depends on its seed, t and its own logits only. The token is the inverse-CDF sample: the first
+    token whose cumulative probability under softmax(warped scores) reaches u (an exact sample from the warped
+    softmax; tokens the warpers filtered have probability 0 and are never picked). The uniforms come from CPU
+    generators, so the stream is the same on every device (torch's CPU generator keeps the low 32 bits of a seed);
+    one number per row and step costs nothing next to the forward pass. Rows that have finished keep drawing (HF
+    pads them): that only moves their own, discarded, later tokens."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float = 1.0, top_k: int = 0):
+        assert temperature > 0, "temperature 0 is greedy: call generate without this processor"
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        # HF's own warpers, in the order its sampling path applies them (temperature, top-k, top-p)
+        self.warpers = [TemperatureLogitsWarper(temperature)]
+        self.warpers += [TopKLogitsWarper(top_k)] if top_k > 0 else []
+        self.warpers += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        assert scores.shape[0] == len(self.generators), f"{scores.shape[0]} rows for {len(self.generators)} seeds"
+        scores = scores.float()  # (b, V)
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)  # filtered tokens are -inf: probability 0
+        cdf = torch.softmax(scores, -1).cumsum(-1)  # (b, V)
+        u = 1.0 - torch.cat([torch.rand(1, generator=g) for g in self.generators])  # (b,) in (0, 1]
+        u = u.to(cdf.device)[:, None] * cdf[:, -1:]  # (b, 1): scaled to the row's total (1 up to rounding)
+        token = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)  # (b, 1): first index with cdf >= u
+        return torch.full_like(scores, -math.inf).scatter_(1, token, 0.0)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -55,6 +105,7 @@ def generate(
     show_progress: bool = False,
     desc: str = "generate",
     synced_gpus: bool = False,
+    seeds: list[int] | None = None,
 ) -> list[Completion]:
     """Sample one completion per prompt with HF `generate` (temperature 0 means greedy). A completion ends at the
     first of `stop_ids` (kept) or at the token that completes one of `stop_strings` (kept).
@@ -65,12 +116,20 @@ def generate(
 
     With sharded weights (FSDP, ZeRO-3) every forward pass all-gathers parameters, so every process must run the
     same number of forward passes: pass `synced_gpus=True` (HF keeps finished processes stepping) and give every
-    process the same number of prompts (hence of batches)."""
+    process the same number of prompts (hence of batches).
+
+    `seeds` (one per prompt, in [0, 2**32)): sample prompt i from its own random stream seeded with seeds[i] (see
+    `SeededSampler`), so its completion does not depend on the batch it shares or the process that runs it. With
+    temperature 0 the seeds are ignored (greedy); without seeds HF samples from the global torch RNG."""
     from utils.vllm_engine import VLLMEngine  # (imports no vLLM)
 
+    if seeds is not None:
+        assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts: pass one per prompt"
+        assert all(0 <= s < 2**32 for s in seeds), "seeds must lie in [0, 2**32) (torch's CPU generator keeps 32 bits)"
     if isinstance(model, VLLMEngine):
         return model.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              top_k=top_k, stop_ids=stop_ids, stop_strings=stop_strings, show_progress=show_progress)
+                              top_k=top_k, stop_ids=stop_ids, stop_strings=stop_strings, show_progress=show_progress,
+                              seeds=seeds)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -78,7 +137,11 @@ def generate(
     results: list[Completion | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     stops = dict(stop_strings=list(stop_strings), tokenizer=tokenizer) if stop_strings else {}
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 else dict(do_sample=False)
+    seeded = seeds is not None and temperature > 0
+    if temperature > 0 and not seeded:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    else:  # greedy, or seeded: SeededSampler picks each token (sampling flags would only draw HF warnings)
+        sampling = dict(do_sample=False)
     if autocast_dtype is not None:
         autocast = torch.autocast(device.type, dtype=autocast_dtype)
     else:
@@ -87,6 +150,9 @@ def generate(
     for batch in tqdm(batches, desc=desc, disable=not show_progress or len(batches) < 2, leave=False):
         padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, return_tensors="pt", padding_side="left")
         input_ids = padded["input_ids"].to(device)  # (b, P)
+        if seeded:  # row r of this batch is prompt batch[r]
+            sampler = SeededSampler([seeds[i] for i in batch], temperature, top_p, top_k)
+            sampling["logits_processor"] = LogitsProcessorList([sampler])
         with autocast:
             out = model.generate(
                 input_ids=input_ids,

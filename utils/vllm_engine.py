@@ -16,6 +16,9 @@ How it fits a training process:
 - After every optimizer step the script pushes the new weights (`hold` with the next version) and calls
   `probe_gap`, the mean |log p_vLLM - log p_trainer| over a fixed probe sequence: a broken weight sync shows up
   there at once, as a gap of several nats instead of the bf16 rounding noise (about 0.01-0.05).
+- Memory: `memory_utilization` is the share of the GPU's memory the engine may take for its weights and KV cache
+  (vLLM's `gpu_memory_utilization`); on CPU it is the KV cache's share of RAM (vLLM's own CPU rule subtracts all the
+  memory the training process holds, which leaves nothing on a small machine).
 - Sleep mode (weights and KV cache released during the update phase) is used where the platform supports it
   (CUDA, ROCm); vLLM's CPU backend does not, and there `sleep()` / `wake_up()` do nothing.
 
@@ -75,12 +78,16 @@ def policy_weights(model: torch.nn.Module, adapter: str | None = None) -> Iterat
 class VLLMEngine:
     """One vLLM engine, colocated with the trainer; `generate` has the contract of `utils.generation.generate`."""
 
-    def __init__(self, path: str, *, max_model_len: int | None, memory_utilization: float, seed: int,
-                 dtype: str = "bfloat16", enforce_eager: bool = True, sleep: bool = True, distributed: bool = False,
-                 holds: str | None = None):
+    CPU_KV_SHARE = 0.05  # on CPU without an explicit share: a KV cache of 5% of RAM (1.2 GiB on 24 GiB)
+
+    def __init__(self, path: str, *, max_model_len: int | None, memory_utilization: float | None, seed: int,
+                 gpu_share: float = 0.3, dtype: str = "bfloat16", enforce_eager: bool = True, sleep: bool = True,
+                 distributed: bool = False, holds: str | None = None):
         """path: a safetensors model directory or hub id (vLLM cannot read GGUF; `resolve_model` converts it).
-        max_model_len: longest prompt + completion (None: the model's limit). holds: the key whose version-0
-        weights are the ones in `path` (None: the first `hold` loads weights whatever its key)."""
+        max_model_len: longest prompt + completion (None: the model's limit). memory_utilization: on a GPU the
+        share of its memory for the engine's weights and KV cache (None: gpu_share), on CPU the KV cache's share of
+        RAM (None: CPU_KV_SHARE). holds: the key whose version-0 weights are the ones in `path` (None: the first
+        `hold` loads weights whatever its key)."""
         for k, v in _ENV.items():
             os.environ.setdefault(k, v)
         if not torch.cuda.is_available():
@@ -92,13 +99,23 @@ class VLLMEngine:
             raise SystemExit(f"--backend vllm needs vLLM in this environment ({e}). vLLM pins its own torch and "
                              "transformers: install it in its own environment, see README ('vLLM backend').") from None
         self.sleep_mode = sleep and current_platform.is_sleep_mode_available()
+        if torch.cuda.is_available():
+            memory = dict(gpu_memory_utilization=memory_utilization or gpu_share)  # share of the GPU's memory
+        else:
+            # vLLM's CPU backend reads the share as one of the first NUMA node's memory *minus everything this
+            # process already holds* (the trainer's models included), which is negative for a training process on a
+            # small machine: give it an explicit KV cache of memory_utilization x RAM instead
+            import psutil
+
+            share = memory_utilization or self.CPU_KV_SHARE
+            memory = dict(kv_cache_memory_bytes=int(share * psutil.virtual_memory().total))
         t0 = time.time()
         self.llm = LLM(
             model=path,
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
-            gpu_memory_utilization=memory_utilization,  # the share of device memory (CPU: of RAM) it may take
+            **memory,
             enforce_eager=enforce_eager,
             enable_sleep_mode=self.sleep_mode,
             enable_prefix_caching=True,  # G samples of one prompt share its KV cache
@@ -113,20 +130,26 @@ class VLLMEngine:
     # ---- generation ----
     def generate(self, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                  top_p: float = 1.0, top_k: int = 0, stop_ids: list[int], stop_strings: tuple[str, ...] = (),
-                 show_progress: bool = False, **_unused) -> list[Completion]:
+                 show_progress: bool = False, seeds: list[int] | None = None, **_unused) -> list[Completion]:
         """Sample one completion per prompt; the same sampling settings and the same cut as the HF path (the ids
         end at the first stop id or at the token that completes a stop string, kept). Completion.logprobs holds
-        vLLM's log-prob of each kept token (after temperature)."""
+        vLLM's log-prob of each kept token (after temperature). `seeds` (one per prompt): each request samples from
+        its own generator seeded with seeds[i] (vLLM's per-request seed), not from the engine's shared stream."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
-        params = SamplingParams(
+        settings = dict(
             n=1, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1, max_tokens=max_new_tokens,
             stop_token_ids=list(stop_ids), stop=list(stop_strings) or None, include_stop_str_in_output=True,
             ignore_eos=True,  # stop only at stop_ids, like the HF path (eos is among them when it ends a turn)
             logprobs=0, skip_special_tokens=False, detokenize=bool(stop_strings),
         )
+        if seeds is None:
+            params = SamplingParams(**settings)
+        else:  # one SamplingParams per prompt, differing only in the seed
+            assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
+            params = [SamplingParams(**settings, seed=seed) for seed in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=show_progress)
         completions = []
         for out in outputs:
