@@ -97,8 +97,9 @@ class Args:
     """sequences per generate() call (HF backend)"""
     backend: Literal["hf", "vllm"] = "hf"
     """generation: HF generate, or one vLLM engine per process (README: vLLM)"""
-    vllm_memory_utilization: float = 0.9
-    """vllm: share of the device's memory (on CPU: of RAM) the engine may take for its weights and KV cache"""
+    vllm_memory_utilization: float | None = None
+    """vllm: on a GPU, the share of its memory the engine may take for weights and KV cache (None: 0.9); on CPU, the
+    KV cache's share of RAM (None: 0.05)"""
     chunk_size: int = 256
     """questions generated and written to the JSONL between progress updates (the unit of resumption)"""
     bf16: bool = True
@@ -257,7 +258,7 @@ def main(args: Args) -> None:
             adapter = Path(path) / "adapter_config.json"
             base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
             engine = VLLMEngine(base, max_model_len=None, memory_utilization=args.vllm_memory_utilization,
-                                seed=args.seed + rank, sleep=False, distributed=world > 1,
+                                seed=args.seed + rank, gpu_share=0.9, sleep=False, distributed=world > 1,
                                 holds=path if base == path else None)
 
             def load(p):
@@ -281,7 +282,7 @@ def main(args: Args) -> None:
         def render(messages):
             return prompts.render(tokenizer, messages)
 
-        def generate_fn(role, prompt_ids):  # rema_multiturn: one model plays both agents
+        def generate_fn(role, prompt_ids, keys):  # rema_multiturn: one model plays both agents (keys: unused)
             return sample(model, prompt_ids, args.max_completion_length, (prompts.FINISH_FLAG,))[0] if prompt_ids else []
 
         def conversation_record(tr):

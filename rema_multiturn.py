@@ -39,6 +39,7 @@ Departures from the paper / official code, all deliberate:
 import math
 import random
 import time
+from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,11 +51,12 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from utils import prompts
-from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, update_trainer_state
 from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.batch import collate, select
 from utils.distributed import make_accelerator, shard, weights_are_sharded
-from utils.generation import Completion, generate
+from utils.faults import NonFiniteGuard, Preemption
+from utils.generation import Completion, generate, sample_seed
 from utils.grading import Grader, parse_verdict
 from utils.judge_data import is_rewardbench, load_judge_examples
 from utils.models import Agent, build_agents, end_of_turn_ids, load_tokenizer, resolve_model
@@ -76,7 +78,8 @@ class Args:
     output_dir: str = "runs"
     """parent directory of run directories"""
     seed: int = 1
-    """seeds the data order, sampling and initialisation (each process adds its rank for sampling)"""
+    """seeds the data order, the mini-batch order, and every sample's random stream (keyed by step, question and
+    sample, so a sample is the same whatever the number of processes, and again after --resume)"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard and metrics.jsonl"""
     wandb_project: str = "rema"
@@ -151,8 +154,9 @@ class Args:
     """sequences per generate() call on each process (HF backend)"""
     backend: Literal["hf", "vllm"] = "hf"
     """generation: HF generate, or a vLLM engine colocated with each process (README: vLLM)"""
-    vllm_memory_utilization: float = 0.3
-    """vllm: share of the device's memory (on CPU: of RAM) the engine may take for its weights and KV cache"""
+    vllm_memory_utilization: float | None = None
+    """vllm: on a GPU, the share of its memory the engine may take for weights and KV cache (None: 0.3); on CPU, the
+    KV cache's share of RAM (None: 0.05)"""
     vllm_sleep: bool = True
     """vllm: release the engine's memory during the update phase (vLLM supports it on CUDA / ROCm, not on CPU)"""
     vllm_check: bool = True
@@ -184,7 +188,9 @@ class Args:
     adam_beta2: float = 0.999
     """Adam beta2"""
     max_grad_norm: float = 1.0
-    """gradient clipping by global norm (paper 1.0)"""
+    """gradient clipping by global norm"""
+    max_skipped_steps: int = 5
+    """an optimizer step whose gradient is not finite (NaN / inf) is skipped; after this many in a row the run stops"""
     num_mini_batches: int = 4
     """optimizer steps per rollout (paper: 4); 1 is the official example script (one step, the ratio stays 1)"""
     num_iterations: int = 1
@@ -266,6 +272,7 @@ class Trajectory:
     turn_ids: dict[str, list[int]] = field(default_factory=dict)  # role -> per token: own turn index t, or -1
     sample_logp: dict[str, list[float]] = field(default_factory=dict)  # vLLM: role -> per token: sampler log-prob
     reason: int | None = None  # None while the conversation runs, then one of REASONS
+    key: tuple = ()  # identifies the trajectory in the run (step, question, sample): keys its random streams
     correct: float = 0.0
     reward: float = 0.0
 
@@ -281,8 +288,8 @@ class Trajectory:
 
 def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int, max_context_length: int,
                        stop_when_truncated: bool, reas_system: str = prompts.MULTITURN_REAS_SYSTEM) -> list[Trajectory]:
-    """Run all conversations turn by turn; each agent's turn is one batched generate_fn(role, prompt ids) call over
-    every live conversation. A conversation ends normally when the MTA has written [FINISH] and the RA has answered;
+    """Run all conversations turn by turn; each agent's turn is one batched generate_fn(role, prompt ids, keys) call
+    over every live conversation (keys: (the item's "key", turn index) of each, to seed its sample). A conversation ends normally when the MTA has written [FINISH] and the RA has answered;
     otherwise when a prompt would exceed max_context_length, when a turn is truncated (if stop_when_truncated), or
     after max_turns turns. reas_system: the RA's system prompt (the judge task asks for a verdict, not a box)."""
     pieces = prompts.ChatPieces.from_tokenizer(tokenizer)
@@ -291,7 +298,7 @@ def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int
     def user_turn(text: str) -> list[int]:  # the other agent's message, as a user turn, then the generation prompt
         return tokenizer(pieces.user_prefix + text + pieces.user_suffix, add_special_tokens=False)["input_ids"]
 
-    trajs = [Trajectory(it["question"], it["answer"]) for it in items]
+    trajs = [Trajectory(it["question"], it["answer"], key=tuple(it.get("key", ()))) for it in items]
     for t in range(max_turns):
         for role in ROLES:
             live, contexts = [], []
@@ -309,7 +316,7 @@ def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int
                     continue
                 live.append(tr)
                 contexts.append(context)
-            completions = generate_fn(role, contexts)
+            completions = generate_fn(role, contexts, [tr.key + (t,) for tr in live])
             assert len(completions) == len(live)
             for tr, context, c in zip(live, contexts, completions):
                 # the sampled ids are trained as turn t; the template's closing is added, untrained, after them
@@ -511,7 +518,7 @@ def main(args: Args) -> None:
     names = ["policy"] if args.param_sharing else ROLES
     agents = build_agents(args, accelerator, path, {n: args.max_completion_length for n in names})
     agent_of = {role: agents["policy"] if args.param_sharing else agents[role] for role in ROLES}
-    set_seed(args.seed, device_specific=True)  # then a different sampling stream per process (seed + rank)
+    set_seed(args.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
     engine = None
     if args.backend == "vllm":  # one engine per process; it holds the weights of the agent it generates for
         engine = VLLMEngine(path, max_model_len=args.max_context_length + args.max_completion_length,
@@ -521,6 +528,7 @@ def main(args: Args) -> None:
             "Add the two numbers. [FINISH]", add_special_tokens=False)["input_ids"]
         probe_start = {}  # agent -> the trainer's probe log-probs before its first update: how far training moved
     version = {name: 0 for name in agents}  # optimizer steps taken by each agent: the version of its weights
+    guard = NonFiniteGuard(args.max_skipped_steps, "rema_multiturn.py")  # skips optimizer steps with a NaN / inf gradient
     grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
     logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
                        wandb_entity=args.wandb_entity, run_name=args.exp_name)
@@ -541,11 +549,15 @@ def main(args: Args) -> None:
 
     # ---- ROLLOUT: every turn of every live conversation is generated in one batched call per agent ----
     def rollout(items: list[dict], temperature: float, desc: str) -> list[Trajectory]:
-        def generate_fn(role: str, prompt_ids: list[list[int]]) -> list[Completion]:
+        def generate_fn(role: str, prompt_ids: list[list[int]], keys: list[tuple]) -> list[Completion]:
             n_local = len(prompt_ids)
+            # each conversation's turn samples from its own stream, seeded by (trajectory, turn, role): the same
+            # whatever the batch or the process (greedy evaluation needs none)
+            seeds = [sample_seed(args.seed, *k, role) for k in keys] if temperature > 0 else None
             if sharded:  # every process must run the same number of forward passes
                 n = int(accelerator.reduce(torch.tensor(n_local, device=accelerator.device), reduction="max"))
                 prompt_ids = prompt_ids + [filler] * (n - n_local)
+                seeds = seeds + [0] * (n - n_local) if seeds is not None else None
             if not prompt_ids:
                 return []
             completions = generate(generator(agent_of[role]), tokenizer, prompt_ids,
@@ -553,7 +565,7 @@ def main(args: Args) -> None:
                                    top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
                                    stop_strings=(prompts.FINISH_FLAG,), batch_size=args.generation_batch_size,
                                    autocast_dtype=gen_dtype, show_progress=main_proc, desc=f"{desc} {role}",
-                                   synced_gpus=sharded)
+                                   synced_gpus=sharded, seeds=seeds)
             return completions[:n_local]
 
         reas_system = prompts.MULTITURN_JUDGE_REAS_SYSTEM if args.task == "judge" else prompts.MULTITURN_REAS_SYSTEM
@@ -621,7 +633,7 @@ def main(args: Args) -> None:
                 lp = tr.sample_logp[role][start : start + len(seqs[i][1])]
                 sampler[i, : len(lp)] = torch.tensor(lp, device=device).nan_to_num(0.0)
             trained = (batch["turn_ids"] >= 0).float()
-            sampler_gap = ((batch["old_logp"] - sampler).abs() * trained).sum()
+            sampler_gap = torch.stack([((batch["old_logp"] - sampler).abs() * trained).sum(), trained.sum()])  # (sum, tokens)
         if engine is not None:
             if args.vllm_check and agent.name not in probe_start:
                 probe_start[agent.name] = trainer_logprobs(unwrapped(agent), probe_ids)
@@ -637,6 +649,7 @@ def main(args: Args) -> None:
                 norm = torch.tensor(loss_normaliser(batch["turn_ids"][mb], args.agg_mode), device=device)
                 norm = accelerator.reduce(norm, reduction="sum").clamp(min=1) / world
                 micros = mb.split(args.micro_batch_size)
+                mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
                 for j, idx in enumerate(micros):
                     micro = select(batch, idx)
                     sync = j == len(micros) - 1
@@ -650,16 +663,19 @@ def main(args: Args) -> None:
                         loss = total / norm
                         accelerator.backward(loss)
                     m = (micro["turn_ids"] >= 0).float()
-                    sums["loss"] += loss.item()
-                    sums["entropy"] += (ent * m).sum().item()
-                    sums["tokens"] += m.sum().item()
+                    mb_sums["loss"] += loss.item()
+                    mb_sums["entropy"] += (ent * m).sum().item()
+                    mb_sums["tokens"] += m.sum().item()
                     for k, v in counts.items():
-                        sums[k] += v.item()
-                grad_norm = accelerator.clip_grad_norm_(agent.params, args.max_grad_norm)
-                agent.optimizer.step()
+                        mb_sums[k] += v.item()
+                grad_norm = float(accelerator.clip_grad_norm_(agent.params, args.max_grad_norm))  # the same on every process
+                if guard.step_ok(grad_norm, state["step"] + 1, main_proc):  # a NaN / inf gradient is never applied
+                    agent.optimizer.step()
+                    for k, v in mb_sums.items():
+                        sums[k] += v
+                    sums["grad_norm"] += grad_norm
+                    sums["steps"] += 1
                 agent.optimizer.zero_grad(set_to_none=True)
-                sums["grad_norm"] += float(grad_norm)
-                sums["steps"] += 1
 
         # metrics over the global batch
         r_group = rewards.view(-1, G)
@@ -676,10 +692,11 @@ def main(args: Args) -> None:
             f"{p}/clip_ratio/region_mean": (c_low + c_high) / max(units, 1),
             f"{p}/clip_ratio/dual_mean": c_dual / max(units, 1),
             f"{p}/entropy": ent / max(tok, 1),
-            f"{p}/loss": loss_sum / (world * sums["steps"]),  # mean over optimizer steps of the full mini-batch loss
-            f"{p}/grad_norm": sums["grad_norm"] / sums["steps"],
+            f"{p}/loss": loss_sum / (world * max(sums["steps"], 1)),  # mean over the applied optimizer steps of the mini-batch loss
+            f"{p}/grad_norm": sums["grad_norm"] / max(sums["steps"], 1),
             f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"],
             f"{p}/tokens": tok,
+            "train/skipped_steps": float(guard.skipped),  # over the run
         }
         version[agent.name] += 1
         if engine is not None:  # push the new weights now, and check that the engine follows them
@@ -687,7 +704,8 @@ def main(args: Args) -> None:
             engine.hold(agent.name, version[agent.name], lambda: policy_weights(unwrapped(agent), agent.adapter))
             metrics["time/weight_sync"] = time.time() - t0
             if sampler_gap is not None:
-                metrics["vllm/sampler_logprob_gap"] = accelerator.reduce(sampler_gap, reduction="sum").item() / max(tok, 1)
+                gap_sum, gap_tokens = accelerator.reduce(sampler_gap, reduction="sum").tolist()
+                metrics["vllm/sampler_logprob_gap"] = gap_sum / max(gap_tokens, 1.0)
             if args.vllm_check:
                 gap, probe = probe_gap(engine, unwrapped(agent), probe_ids)
                 drift = sum(abs(a - b) for a, b in zip(probe, probe_start[agent.name])) / len(probe)
@@ -701,10 +719,18 @@ def main(args: Args) -> None:
     if args.resume:
         ckpt = find_checkpoint(args.resume)
         state = load_checkpoint(accelerator, ckpt)
+        logger.rewind(state["step"])  # steps logged after that checkpoint are run (and logged) again
         if main_proc:
             print(f"resumed from {ckpt} at step {state['step']}")
+    saved_step = state["step"] if args.resume else None
+    preemption = Preemption()  # SIGTERM: finish the current step, save a checkpoint, exit with status 0
 
     def checkpoint():
+        nonlocal saved_step
+        if saved_step == state["step"]:  # its weights are on disk (re-saving them would delete them for a moment)
+            update_trainer_state(accelerator, run_dir, state["step"], state)
+            return
+        saved_step = state["step"]
         if args.param_mode == "lora":
             hf_models = {"adapters": agents[names[0]].model}
         else:
@@ -723,7 +749,8 @@ def main(args: Args) -> None:
         perm = list(range(len(train_set)))
         epoch_rng.shuffle(perm)
         idx = perm[state["batch"] * B:(state["batch"] + 1) * B]
-        items = [train_set[i] for i in idx[rank::world] for _ in range(G)]  # G trajectories per question, consecutive
+        # G trajectories per question, consecutive; the key seeds each trajectory's samples
+        items = [train_set[i] | {"key": (state["step"], i, g)} for i in idx[rank::world] for g in range(G)]
         roles = ROLES if args.param_sharing else [ROLES[(state["step"] // args.switch_freq) % len(ROLES)]]
         t0 = time.time()
         trajs = rollout(items, args.temperature, "rollout")
@@ -748,12 +775,26 @@ def main(args: Args) -> None:
         progress.set_postfix(reward=f"{metrics['rollout/reward']:.3f}", turns=f"{metrics['rollout/mean_turns']:.2f}")
         if args.save_every and state["step"] % args.save_every == 0 and state["step"] < args.total_steps:
             checkpoint()
+        if preemption.requested(accelerator):
+            checkpoint()  # any process was signalled: all of them stop at the same step
+            if main_proc:
+                print(f"SIGTERM: saved the checkpoint of step {state['step']} in {run_dir}; resume with --resume {run_dir}")
+            logger.close()
+            grader.close()
+            if engine is not None:
+                engine.close()
+            accelerator.end_training()
+            return
     progress.close()
-    final = evaluate()
-    logger.log(final, state["step"])
-    checkpoint()
-    if main_proc:
-        print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
+    if state.get("evaluated_at") != state["step"]:  # (a resumed run that had finished is not evaluated twice)
+        final = evaluate()
+        logger.log(final, state["step"])
+        state["evaluated_at"] = state["step"]
+        checkpoint()
+        if main_proc:
+            print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
+    elif main_proc:
+        print(f"{run_dir} had finished at step {state['step']}: nothing left to do")
     logger.close()
     grader.close()
     if engine is not None:

@@ -44,11 +44,12 @@ from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from utils import prompts
-from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from utils.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, update_trainer_state
 from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.batch import collate, select
 from utils.distributed import make_accelerator, shard, weights_are_sharded
-from utils.generation import Completion, generate
+from utils.faults import NonFiniteGuard, Preemption
+from utils.generation import Completion, generate, sample_seed
 from utils.grading import Grader, extract_boxed, has_boxed, parse_verdict, states_verdict
 from utils.judge_data import is_rewardbench, load_judge_examples
 from utils.models import Agent, build_agents, end_of_turn_ids, load_tokenizer, resolve_model
@@ -67,7 +68,8 @@ class Args:
     output_dir: str = "runs"
     """parent directory of run directories"""
     seed: int = 1
-    """seeds the data order, sampling and initialisation (each process adds its rank for sampling)"""
+    """seeds the data order, the mini-batch order, and every sample's random stream (keyed by step, question and
+    sample, so a sample is the same whatever the number of processes, and again after --resume)"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard and metrics.jsonl"""
     wandb_project: str = "rema"
@@ -160,8 +162,9 @@ class Args:
     """sequences per generate() call on each process (HF backend)"""
     backend: Literal["hf", "vllm"] = "hf"
     """rollout and evaluation generation: HF generate, or a vLLM engine colocated with each process (README: vLLM)"""
-    vllm_memory_utilization: float = 0.3
-    """vllm: share of the device's memory (on CPU: of RAM) the engine may take for its weights and KV cache"""
+    vllm_memory_utilization: float | None = None
+    """vllm: on a GPU, the share of its memory the engine may take for weights and KV cache (None: 0.3); on CPU, the
+    KV cache's share of RAM (None: 0.05)"""
     vllm_max_model_len: int | None = None
     """vllm: the longest prompt + completion, in tokens, the engine accepts (None: the model's limit)"""
     vllm_sleep: bool = True
@@ -186,6 +189,8 @@ class Args:
     """Adam beta2"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
+    max_skipped_steps: int = 5
+    """an optimizer step whose gradient is not finite (NaN / inf) is skipped; after this many in a row the run stops"""
     epsilon: float = 0.2
     """PPO clip range (paper 0.2)"""
     epsilon_high: float | None = None
@@ -441,7 +446,7 @@ def main(args: Args) -> None:
     lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
                "policy": args.reas_max_completion_length}
     agents = build_agents(args, accelerator, path, {n: lengths[n] for n in AGENTS[args.mode]}, reference=args.beta > 0)
-    set_seed(args.seed, device_specific=True)  # then a different sampling stream per process (seed + rank)
+    set_seed(args.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
     engine = None
     if args.backend == "vllm":
         engine = VLLMEngine(path, max_model_len=args.vllm_max_model_len, memory_utilization=args.vllm_memory_utilization,
@@ -450,6 +455,7 @@ def main(args: Args) -> None:
             "12 + 30 = 42, so the answer is \\boxed{42}.", add_special_tokens=False)["input_ids"]
         probe_start = {}  # agent -> the trainer's probe log-probs before its first update: how far training moved
     version = {name: 0 for name in agents}  # optimizer steps taken by each agent: the version of its weights
+    guard = NonFiniteGuard(args.max_skipped_steps, "rema_single.py")  # skips optimizer steps with a NaN / inf gradient
     grader = Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)
     logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.track, wandb_project=args.wandb_project,
                        wandb_entity=args.wandb_entity, run_name=args.exp_name)
@@ -475,14 +481,20 @@ def main(args: Args) -> None:
         engine.hold(agent.name, version[agent.name], lambda: policy_weights(unwrapped(agent), agent.adapter))
         return engine
 
-    def sample(agent: Agent, prompt_ids: list[list[int]], temperature: float, desc: str) -> tuple[list[Completion], list[str]]:
+    def sample(agent: Agent, prompt_ids: list[list[int]], temperature: float, desc: str,
+               keys: list[tuple] | None = None) -> tuple[list[Completion], list[str]]:
+        """Completions and their text. Sampling (temperature > 0) needs one key per prompt, e.g. (what, step, item,
+        sample): the prompt's random stream is seeded from the key alone, so a sample does not depend on the batch
+        or the process it is drawn in, and a resumed run draws it again exactly."""
+        assert temperature == 0 or (keys is not None and len(keys) == len(prompt_ids)), "sampling needs a key per prompt"
+        seeds = [sample_seed(args.seed, *k) for k in keys] if temperature > 0 else None
         with timed("weight_sync"):
             policy = generator(agent)
         with timed("generate"):
             completions = generate(policy, tokenizer, prompt_ids, max_new_tokens=agent.max_completion_length,
                                    temperature=temperature, top_p=args.top_p, top_k=args.top_k, stop_ids=stop_ids,
                                    batch_size=args.generation_batch_size, autocast_dtype=gen_dtype,
-                                   show_progress=main_proc, desc=desc, synced_gpus=sharded)
+                                   show_progress=main_proc, desc=desc, synced_gpus=sharded, seeds=seeds)
         return completions, [tokenizer.decode(c.ids, skip_special_tokens=True).strip() for c in completions]
 
     def render(messages):
@@ -517,13 +529,15 @@ def main(args: Args) -> None:
         """RA step: items hold (question, plan); the RA samples G solutions per item; reward R_l."""
         if args.mode == "rema" and "plan" not in items[0]:  # schedule=switch: the frozen MTA plans on the fly
             _, plans = sample(agents["meta_thinking"], [meta_prompt(it) for it in items],
-                              args.temperature, "rollout meta_thinking (frozen)")
+                              args.temperature, "rollout meta_thinking (frozen)",
+                              [("plan", state["step"], it["uid"]) for it in items])
             items = [it | {"plan": m} for it, m in zip(items, plans)]
         if args.mode == "rema":
             prompt_ids = [reas_prompt(it, it["plan"]) for it in items for _ in range(G)]
         else:
             prompt_ids = [single_prompt(it) for it in items for _ in range(G)]
-        completions, texts = sample(agent, prompt_ids, args.temperature, f"rollout {agent.name}")
+        completions, texts = sample(agent, prompt_ids, args.temperature, f"rollout {agent.name}",
+                                    [("rollout", state["step"], it["uid"], g) for it in items for g in range(G)])
         correct = score(texts, [it for it in items for _ in range(G)])
         rewards = [reas_reward(c, t, args.task) for c, t in zip(correct, texts)]
         shows = [dict(question=it["question"], plan=it.get("plan"), solution=texts[i * G], gold=it["answer"],
@@ -534,10 +548,12 @@ def main(args: Args) -> None:
         """MTA step: the MTA samples G plans per question; the frozen RA writes K solutions under each; reward R_h."""
         reas = agents["reasoning"]
         prompt_ids = [meta_prompt(it) for it in items for _ in range(G)]
-        completions, plans = sample(agent, prompt_ids, args.temperature, "rollout meta_thinking")
+        completions, plans = sample(agent, prompt_ids, args.temperature, "rollout meta_thinking",
+                                    [("rollout", state["step"], it["uid"], g) for it in items for g in range(G)])
         planned = [it for it in items for _ in range(G)]  # the item of each plan
         reas_prompts = [reas_prompt(it, m) for it, m in zip(planned, plans) for _ in range(K)]
-        _, solutions = sample(reas, reas_prompts, args.temperature, "rollout reasoning (frozen)")
+        _, solutions = sample(reas, reas_prompts, args.temperature, "rollout reasoning (frozen)",
+                              [("solution", state["step"], it["uid"], g, k) for it in items for g in range(G) for k in range(K)])
         correct = score(solutions, [it for it in planned for _ in range(K)])
         rewards = [meta_reward(plans[i], solutions[i * K:(i + 1) * K], correct[i * K:(i + 1) * K], args.meta_reward,
                                args.task) for i in range(len(plans))]
@@ -561,21 +577,24 @@ def main(args: Args) -> None:
         if args.filter:
             repeated = [q for q in mine for _ in range(S)]  # S answers per question estimate succ(x)
             if agent_name == "meta_thinking":  # D_h: S plans at T = 1, one greedy RA solution under each
-                _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in repeated], 1.0, "filter D_h: plans")
+                _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in repeated], 1.0, "filter D_h: plans",
+                                  [("filter", phase, q["index"], s) for q in mine for s in range(S)])
                 _, answers = sample(agents["reasoning"], [reas_prompt(q, m) for q, m in zip(repeated, plans)], 0.0,
                                     "filter D_h: solutions")
             elif args.mode == "rema":  # D_l: one greedy plan, S RA solutions at T = 1 under it
                 _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in mine], 0.0, "filter D_l: greedy plans")
                 _, answers = sample(agents["reasoning"], [reas_prompt(q, m) for q, m in zip(mine, plans) for _ in range(S)],
-                                    1.0, "filter D_l: solutions")
+                                    1.0, "filter D_l: solutions", [("filter", phase, q["index"], s) for q in mine for s in range(S)])
             else:  # VRP / MRP baselines: S samples of the single agent at T = 1
-                _, answers = sample(agents["policy"], [single_prompt(q) for q in repeated], 1.0, "filter: samples")
+                _, answers = sample(agents["policy"], [single_prompt(q) for q in repeated], 1.0, "filter: samples",
+                                    [("filter", phase, q["index"], s) for q in mine for s in range(S)])
             correct = score(answers, repeated)
             kept, succ_all = filter_by_success(mine, correct, S, args.filter_eps_min, args.filter_eps_max)
         if agent_name == "reasoning" and args.mode == "rema":
             # each kept question gets plans_per_question plans sampled at T = 1: the (x, m) inputs of D_l
             with_plans = [q for q in kept for _ in range(args.plans_per_question)]
-            _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in with_plans], 1.0, "D_l: plans")
+            _, plans = sample(agents["meta_thinking"], [meta_prompt(q) for q in with_plans], 1.0, "D_l: plans",
+                              [("plan", phase, q["index"], j) for q in kept for j in range(args.plans_per_question)])
             kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
         kept = [q for q in kept if not q.pop("padding")]
         kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
@@ -649,7 +668,7 @@ def main(args: Args) -> None:
             sampler = torch.zeros_like(mask)  # (N, C): vLLM's log-prob of each sampled token
             for i, c in enumerate(rollout["completions"]):
                 sampler[i, : len(c.logprobs)] = torch.tensor(c.logprobs, device=device)
-            sampler_gap = ((batch["old_logp"] - sampler).abs() * mask).sum()
+            sampler_gap = torch.stack([((batch["old_logp"] - sampler).abs() * mask).sum(), mask.sum()])  # (sum, tokens)
         if engine is not None:
             if args.vllm_check and agent.name not in probe_start:
                 probe_start[agent.name] = trainer_logprobs(model, probe_ids)
@@ -680,6 +699,7 @@ def main(args: Args) -> None:
                     norm = torch.tensor(float(len(mb) * agent.max_completion_length), device=device)
                 norm = accelerator.reduce(norm, reduction="sum") / world
                 micros = mb.split(args.micro_batch_size)
+                mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
                 for j, idx in enumerate(micros):
                     micro = select(batch, idx)
                     sync = j == len(micros) - 1
@@ -691,19 +711,22 @@ def main(args: Args) -> None:
                                                                       eps_high, micro.get("ref_logp") if kl_in_loss else None, kl_in_loss)
                         loss = aggregate(token_loss, m, args.loss_type, norm)
                         accelerator.backward(loss)
-                    sums["loss"] += loss.item()
-                    sums["clip_low"] += low.sum().item()
-                    sums["clip_high"] += high.sum().item()
-                    sums["entropy"] += (ent * m).sum().item()
-                    sums["tokens"] += m.sum().item()
+                    mb_sums["loss"] += loss.item()
+                    mb_sums["clip_low"] += low.sum().item()
+                    mb_sums["clip_high"] += high.sum().item()
+                    mb_sums["entropy"] += (ent * m).sum().item()
+                    mb_sums["tokens"] += m.sum().item()
                     if "ref_logp" in micro:
                         log_ratio = (micro["ref_logp"] - logp.detach()) * m
-                        sums["kl"] += ((torch.exp(log_ratio) - log_ratio - 1) * m).sum().item()
-                grad_norm = accelerator.clip_grad_norm_(agent.params, args.max_grad_norm)
-                agent.optimizer.step()
+                        mb_sums["kl"] += ((torch.exp(log_ratio) - log_ratio - 1) * m).sum().item()
+                grad_norm = float(accelerator.clip_grad_norm_(agent.params, args.max_grad_norm))  # the same on every process
+                if guard.step_ok(grad_norm, state["step"] + 1, main_proc):  # a NaN / inf gradient is never applied
+                    agent.optimizer.step()
+                    for k, v in mb_sums.items():
+                        sums[k] += v
+                    sums["grad_norm"] += grad_norm
+                    sums["steps"] += 1
                 agent.optimizer.zero_grad(set_to_none=True)
-                sums["grad_norm"] += float(grad_norm)
-                sums["steps"] += 1
         phase_time["update"] += time.perf_counter() - t_update
 
         # metrics over the global batch
@@ -717,6 +740,7 @@ def main(args: Args) -> None:
                              device=device)
         (r_sum, r_sq, n, len_sum, trunc, zero_std, groups, corr, n_corr, c_low, c_high, ent, kl, tok, loss_sum) = \
             accelerator.reduce(local, reduction="sum").tolist()
+        tok = max(tok, 1.0)  # trained tokens of the applied optimizer steps (0 if every step was skipped)
         all_lengths = accelerator.gather(lengths)  # (N * world,)
         p = PREFIX[agent.name]
         metrics = {
@@ -732,9 +756,10 @@ def main(args: Args) -> None:
             f"{p}/clip_ratio/high_mean": c_high / tok,
             f"{p}/clip_ratio/region_mean": (c_low + c_high) / tok,
             f"{p}/entropy": ent / tok,
-            f"{p}/loss": loss_sum / (world * sums["steps"]),  # mean over optimizer steps of the full mini-batch loss
-            f"{p}/grad_norm": sums["grad_norm"] / sums["steps"],
+            f"{p}/loss": loss_sum / (world * max(sums["steps"], 1)),  # mean over the applied optimizer steps of the mini-batch loss
+            f"{p}/grad_norm": sums["grad_norm"] / max(sums["steps"], 1),
             f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"],
+            "train/skipped_steps": float(guard.skipped),  # over the run
         }
         if args.beta > 0:
             metrics[f"{p}/kl"] = kl / tok
@@ -743,7 +768,8 @@ def main(args: Args) -> None:
             with timed("weight_sync"):
                 engine.hold(agent.name, version[agent.name], lambda: policy_weights(model, agent.adapter))
             if sampler_gap is not None:
-                metrics["vllm/sampler_logprob_gap"] = accelerator.reduce(sampler_gap, reduction="sum").item() / tok
+                gap_sum, gap_tokens = accelerator.reduce(sampler_gap, reduction="sum").tolist()
+                metrics["vllm/sampler_logprob_gap"] = gap_sum / max(gap_tokens, 1.0)
             if args.vllm_check:
                 gap, probe = probe_gap(engine, model, probe_ids)
                 drift = sum(abs(a - b) for a, b in zip(probe, probe_start[agent.name])) / len(probe)
@@ -761,10 +787,19 @@ def main(args: Args) -> None:
     if args.resume:
         ckpt = find_checkpoint(args.resume)
         state = load_checkpoint(accelerator, ckpt)
+        logger.rewind(state["step"])  # steps logged after that checkpoint are run (and logged) again
         if main_proc:
             print(f"resumed from {ckpt} at step {state['step']}")
+    saved_step = state["step"] if args.resume else None
+
+    preemption = Preemption()  # SIGTERM: finish the current step, save a checkpoint, exit with status 0
 
     def checkpoint():
+        nonlocal saved_step
+        if saved_step == state["step"]:  # its weights are on disk (re-saving them would delete them for a moment)
+            update_trainer_state(accelerator, run_dir, state["step"], state)
+            return
+        saved_step = state["step"]
         hf_models = {}
         if args.param_mode == "lora":
             hf_models["adapters"] = agents[names[0]].model
@@ -799,7 +834,7 @@ def main(args: Args) -> None:
             if idx:
                 t0 = time.time()
                 phase_time.clear()
-                items = [dataset[i] for i in idx[rank::world]]
+                items = [dataset[i] | {"uid": i} for i in idx[rank::world]]  # uid: keys the samples' random streams
                 rollout_fn = rollout_meta if agent.name == "meta_thinking" else rollout_reasoning
                 rollout = rollout_fn(items, agent, args.num_generations)
                 t_rollout = time.time() - t0
@@ -835,14 +870,28 @@ def main(args: Args) -> None:
                     state["epoch"], state["dataset"] = 0, None
             if args.save_every and state["step"] % args.save_every == 0 and idx and state["phase"] < len(phases):
                 checkpoint()
+            if preemption.requested(accelerator):
+                checkpoint()  # any process was signalled: all of them stop at the same step
+                if main_proc:
+                    print(f"SIGTERM: saved the checkpoint of step {state['step']} in {run_dir}; resume with --resume {run_dir}")
+                logger.close()
+                grader.close()
+                if engine is not None:
+                    engine.close()
+                accelerator.end_training()
+                return
         if args.schedule == "switch" and state["step"] >= args.total_steps:
             break
     progress.close()
-    final = evaluate()
-    logger.log(final, state["step"])
-    checkpoint()
-    if main_proc:
-        print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
+    if state.get("evaluated_at") != state["step"]:  # (a resumed run that had finished is not evaluated twice)
+        final = evaluate()
+        logger.log(final, state["step"])
+        state["evaluated_at"] = state["step"]
+        checkpoint()
+        if main_proc:
+            print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
+    elif main_proc:
+        print(f"{run_dir} had finished at step {state['step']}: nothing left to do")
     logger.close()
     grader.close()
     if engine is not None:

@@ -31,7 +31,8 @@ class Scripted:
         self.prompts: dict[str, list[list[int]]] = {q: [] for q in script}
         self.sampled: dict[str, list[list[int]]] = {q: [] for q in script}
 
-    def __call__(self, role, contexts):
+    def __call__(self, role, contexts, keys):
+        assert len(keys) == len(contexts)
         self.calls.append((role, len(contexts)))
         out = []
         for ids in contexts:

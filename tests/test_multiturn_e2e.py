@@ -84,10 +84,11 @@ def test_shared_parameters_turn_ratio_with_reward_mask(tmp_path, copy_task):
 
 
 def test_separate_parameters_switch_agents(tmp_path, copy_task):
-    run_dir = run(tmp_path, copy_task, "--no-param_sharing", "--param_mode", "lora", "--switch_freq", "1",
-                  "--learning_rate", "1e-2")
+    # two steps per agent: a step whose 4 groups all got equal rewards (likely: 1 answer in 9 is right) has no gradient
+    run_dir = run(tmp_path, copy_task, "--no-param_sharing", "--param_mode", "lora", "--switch_freq", "2",
+                  "--learning_rate", "1e-2", "--total_steps", "4")
     rows = metrics(run_dir)
-    assert [r["train/agent"] for r in rows if "train/agent" in r] == [0.0, 1.0]  # MTA, then RA
+    assert [r["train/agent"] for r in rows if "train/agent" in r] == [0.0, 0.0, 1.0, 1.0]  # MTA, MTA, RA, RA
     assert_sane(rows, "train/meta")
     assert_sane(rows, "train/reas")
     ckpt = find_checkpoint(run_dir)

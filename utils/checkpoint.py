@@ -50,6 +50,17 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     return final
 
 
+def update_trainer_state(accelerator, run_dir: Path, step: int, trainer_state: dict) -> None:
+    """Rewrite the trainer state of the complete checkpoint of `step` in place, atomically (the weights are already
+    there; re-saving the whole checkpoint would delete it for a moment)."""
+    if accelerator.is_main_process:
+        path = _ckpt_root(run_dir) / f"step_{step:06d}" / "trainer_state.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(trainer_state))
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """Accept a checkpoint directory or a run directory (then its latest complete checkpoint)."""
     path = Path(path)

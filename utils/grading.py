@@ -344,6 +344,8 @@ class _Worker:
 
 def _worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which then closes us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # so is a scheduler's SIGTERM to the whole process group: the
+    # parent finishes its step (grading included) and saves; we exit on EOF when it is gone
     # Replies go to a private copy of stdout; fd 1 is pointed at stderr (DEVNULL), so a library that
     # prints cannot corrupt the protocol.
     replies = os.fdopen(os.dup(1), "w", encoding="ascii")

@@ -34,6 +34,26 @@ class RunLogger:
             self.wandb = wandb.init(project=wandb_project, entity=wandb_entity, name=run_name, config=config,
                                     dir=str(run_dir), resume="allow", id=run_name.replace("/", "_"))
 
+    def rewind(self, step: int) -> None:
+        """On resume from the checkpoint of `step`: drop the rows logged after it (the resumed run logs those steps
+        again), and a last line cut off by a kill, so that metrics.jsonl reads as one uninterrupted run."""
+        if not self.enabled:
+            return
+        for name in ("metrics_file", "transcripts_file"):
+            f = getattr(self, name)
+            f.close()
+            path = Path(f.name)
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # only a kill mid-write leaves a partial line
+                    continue
+                if row.get("step", 0) <= step:
+                    kept.append(line + "\n")
+            path.write_text("".join(kept))
+            setattr(self, name, open(path, "a"))
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
