@@ -57,6 +57,7 @@ from utils.batch import collate, select
 from utils.distributed import make_accelerator, shard, weights_are_sharded
 from utils.faults import NonFiniteGuard, Preemption
 from utils.generation import Completion, generate, sample_seed
+from utils.logprobs import token_logprobs
 from utils.grading import Grader, parse_verdict
 from utils.judge_data import is_rewardbench, load_judge_examples
 from utils.models import Agent, build_agents, end_of_turn_ids, load_tokenizer, resolve_model
@@ -241,15 +242,10 @@ def completion_logprobs(model, batch: dict, temperature: float, autocast, with_e
     C = batch["completion_ids"].shape[1]
     with autocast:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature  # (N, C, V): position t predicts completion token t
-    logz = torch.logsumexp(logits, dim=-1)  # (N, C)
-    logp = logits.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1) - logz  # (N, C)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)  # (N, C)
-    return logp, entropy
+                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits  # (N, C+1, V)
+    # position t predicts completion token t: log softmax(logits_t / T)[y_t] (and the entropy), computed a chunk of
+    # positions at a time, so no (N, C, V) float32 copy of the logits is made (utils/logprobs.py)
+    return token_logprobs(logits, batch["completion_ids"], temperature, with_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -619,12 +615,12 @@ def main(args: Args) -> None:
         need_old = args.num_iterations > 1 or args.num_mini_batches > 1 or engine is not None
         if need_old:  # pi_old: the policy that sampled the rollout, recomputed before any update (spec 3.5)
             with torch.no_grad():
-                olds = []
-                for idx in torch.arange(N, device=device).split(args.micro_batch_size):
-                    micro = select(batch, idx)
+                batch["old_logp"] = torch.zeros(batch["turn_ids"].shape, device=device)  # (N, C)
+                by_length = batch["attention_mask"].sum(-1).argsort()  # (N,): micro-batches of similar lengths
+                for idx in by_length.split(args.micro_batch_size):
+                    micro = select(batch, idx)  # (its padding columns cut off)
                     lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
-                    olds.append(torch.nn.functional.pad(lp, (0, batch["turn_ids"].shape[1] - lp.shape[1])))
-                batch["old_logp"] = torch.cat(olds)  # (N, C)
+                    batch["old_logp"][idx, : lp.shape[1]] = lp
         sampler_gap = None
         if engine is not None and all(role in tr.sample_logp for role in roles for tr in trajs):
             sampler = torch.zeros_like(batch["old_logp"])  # (N, C): vLLM's log-prob of each trained token
@@ -643,12 +639,13 @@ def main(args: Args) -> None:
         sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, clip_dual=0.0, units=0.0, entropy=0.0, tokens=0.0,
                     grad_norm=0.0, steps=0)
         agent.model.train()
+        seq_len = batch["attention_mask"].sum(-1)  # (N,)
         for _ in range(args.num_iterations):
             perm = torch.randperm(N, device=device)
             for mb in torch.tensor_split(perm, args.num_mini_batches):
                 norm = torch.tensor(loss_normaliser(batch["turn_ids"][mb], args.agg_mode), device=device)
                 norm = accelerator.reduce(norm, reduction="sum").clamp(min=1) / world
-                micros = mb.split(args.micro_batch_size)
+                micros = mb[seq_len[mb].argsort()].split(args.micro_batch_size)  # similar lengths: less padding
                 mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
                 for j, idx in enumerate(micros):
                     micro = select(batch, idx)

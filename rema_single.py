@@ -50,6 +50,7 @@ from utils.batch import collate, select
 from utils.distributed import make_accelerator, shard, weights_are_sharded
 from utils.faults import NonFiniteGuard, Preemption
 from utils.generation import Completion, generate, sample_seed
+from utils.logprobs import token_logprobs
 from utils.grading import Grader, extract_boxed, has_boxed, parse_verdict, states_verdict
 from utils.judge_data import is_rewardbench, load_judge_examples
 from utils.models import Agent, build_agents, end_of_turn_ids, load_tokenizer, resolve_model
@@ -247,15 +248,10 @@ def completion_logprobs(model, batch: dict, temperature: float, autocast, with_e
     C = batch["completion_ids"].shape[1]
     with autocast:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits
-    logits = logits[:, :-1].float() / temperature  # (N, C, V): position t predicts completion token t
-    logz = torch.logsumexp(logits, dim=-1)  # (N, C)
-    logp = logits.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1) - logz  # (N, C)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = logz - (torch.softmax(logits, -1) * logits).sum(-1)  # (N, C)
-    return logp, entropy
+                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits  # (N, C+1, V)
+    # position t predicts completion token t: log softmax(logits_t / T)[y_t] (and the entropy), computed a chunk of
+    # positions at a time, so no (N, C, V) float32 copy of the logits is made (utils/logprobs.py)
+    return token_logprobs(logits, batch["completion_ids"], temperature, with_entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -645,24 +641,24 @@ def main(args: Args) -> None:
         # old and reference log-probs, without gradients
         with torch.no_grad(), timed("logprobs"):
             if need_old or ref_needed:
-                old, ref = [], []
-                for idx in torch.arange(N, device=device).split(args.micro_batch_size):
-                    micro = select(batch, idx)
-                    pad = mask.shape[1] - micro["completion_ids"].shape[1]
+                old, ref = torch.zeros_like(mask), torch.zeros_like(mask)  # (N, C)
+                by_length = batch["attention_mask"].sum(-1).argsort()  # (N,): micro-batches of similar lengths
+                for idx in by_length.split(args.micro_batch_size):
+                    micro = select(batch, idx)  # (its padding columns cut off)
                     if need_old:
                         lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
-                        old.append(torch.nn.functional.pad(lp, (0, pad)))
+                        old[idx, : lp.shape[1]] = lp
                     if ref_needed:
                         if agent.adapter is not None:
                             with model.disable_adapter():
                                 lp, _ = completion_logprobs(model, micro, args.temperature, autocast)
                         else:
                             lp, _ = completion_logprobs(agent.ref_model, micro, args.temperature, autocast)
-                        ref.append(torch.nn.functional.pad(lp, (0, pad)))
+                        ref[idx, : lp.shape[1]] = lp
                 if need_old:
-                    batch["old_logp"] = torch.cat(old) * mask  # (N, C)
+                    batch["old_logp"] = old * mask
                 if ref_needed:
-                    batch["ref_logp"] = torch.cat(ref) * mask  # (N, C)
+                    batch["ref_logp"] = ref * mask
         sampler_gap = None
         if engine is not None and all(c.logprobs is not None for c in rollout["completions"]):
             sampler = torch.zeros_like(mask)  # (N, C): vLLM's log-prob of each sampled token
@@ -687,6 +683,7 @@ def main(args: Args) -> None:
         sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, tokens=0.0, grad_norm=0.0, steps=0)
         agent.model.train()
         t_update = time.perf_counter()
+        seq_len = batch["attention_mask"].sum(-1)  # (N,)
         for _ in range(args.num_iterations):
             perm = torch.randperm(N, device=device)
             for mb in perm.split(mb_local):
@@ -698,7 +695,7 @@ def main(args: Args) -> None:
                 else:
                     norm = torch.tensor(float(len(mb) * agent.max_completion_length), device=device)
                 norm = accelerator.reduce(norm, reduction="sum") / world
-                micros = mb.split(args.micro_batch_size)
+                micros = mb[seq_len[mb].argsort()].split(args.micro_batch_size)  # similar lengths: less padding
                 mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
                 for j, idx in enumerate(micros):
                     micro = select(batch, idx)
