@@ -707,7 +707,9 @@ def main(args: Args) -> None:
                 gap, probe = probe_gap(engine, unwrapped(agent), probe_ids)
                 drift = sum(abs(a - b) for a, b in zip(probe, probe_start[agent.name])) / len(probe)
                 gap, drift = accelerator.reduce(torch.tensor([gap, drift], device=device), reduction="mean").tolist()
-                metrics |= {"vllm/probe_logprob_gap": gap, "vllm/probe_logprob_drift": drift}
+                weights = engine.weight_gap(lambda: policy_weights(unwrapped(agent), agent.adapter))  # 0.0 when in sync
+                weights = accelerator.reduce(torch.tensor(weights, device=device), reduction="max").item()
+                metrics |= {"vllm/probe_logprob_gap": gap, "vllm/probe_logprob_drift": drift, "vllm/weight_gap": weights}
         return metrics
 
     # ---- SCHEDULE: total_steps steps over shuffled epochs of the train set; with separate parameters the trained

@@ -84,9 +84,11 @@ def test_engine_follows_pushed_weights(tiny64):
         stale, _ = probe_gap(engine, model, probe)
         assert stale > 0.2, stale  # the engine still has the old weights
         assert not engine.hold("policy", 0, lambda: policy_weights(model))  # same version: nothing loaded
+        assert engine.weight_gap(lambda: policy_weights(model)) > 0  # stale weights differ
         assert engine.hold("policy", 1, lambda: policy_weights(model))
         synced, _ = probe_gap(engine, model, probe)
         assert synced < GAP_MAX < stale, (synced, stale)
+        assert engine.weight_gap(lambda: policy_weights(model)) == 0.0  # the same bf16 rounding of the same weights
         # sampling returns the stop-cut ids and one log-prob per kept id
         outs = engine.generate(None, [probe[:10]] * 3, max_new_tokens=8, temperature=1.0, stop_ids=[2])
         for c in outs:
@@ -103,6 +105,7 @@ def vllm_rows(run_dir) -> list[dict]:
     for r in rows:
         assert r["vllm/probe_logprob_gap"] < GAP_MAX, r
         assert r["vllm/sampler_logprob_gap"] < GAP_MAX, r
+        assert r["vllm/weight_gap"] == 0.0, r  # the engine holds exactly the trainer's weights (in bf16)
         assert r["time/weight_sync"] >= 0
     return rows
 

@@ -50,6 +50,9 @@ def _cpu_env() -> None:
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     share = cores[local_rank::local_world] or cores
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, share)))
+    # vLLM drops torch to 1 thread "for serving" unless OMP_NUM_THREADS is set; here the same process also trains,
+    # and its update would run on one core
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def policy_weights(model: torch.nn.Module, adapter: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -124,6 +127,8 @@ class VLLMEngine:
             distributed_executor_backend="external_launcher" if distributed else None,
         )
         self.start_time = time.time() - t0
+        self.dtype = getattr(torch, dtype)
+        self.comparable: dict[str, tuple] | None = None  # name -> shape of the weights weight_gap can compare
         self.held: tuple[str, int] | None = None if holds is None else (holds, 0)  # (key, version) of its weights
         self.asleep = False
 
@@ -179,6 +184,26 @@ class VLLMEngine:
             named = [(n, t.detach()) for n, t in weights]
             self.llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=named))
         self.llm.reset_prefix_cache()
+
+    def weight_gap(self, weights: Callable[[], Iterable[tuple[str, torch.Tensor]]], rows: int = 64) -> float:
+        """Largest |engine weight - trainer weight in the engine's dtype| over a sample of the weights: 0.0 exactly
+        when the engine holds the trainer's weights (its copy is the same rounding of the same values). The probe
+        gap cannot tell a stale engine from rounding noise until the policy has moved further than that noise
+        (about 0.04 nats for SmolLM2 in bf16); this can. Compared: `rows` rows, evenly spaced, of every weight
+        that vLLM keeps as is under its Hugging Face name (it fuses q/k/v and gate/up, and its CPU backend repacks
+        every linear layer, leaving the embeddings and norms)."""
+        if self.comparable is None:
+            shapes = self.llm.apply_model(lambda model: {n: tuple(p.shape) for n, p in model.named_parameters()})[0]
+            self.comparable = {n: shape for n, shape in shapes.items() if len(shape) and all(shape)}
+
+        def sample(t: torch.Tensor) -> torch.Tensor:
+            return t.detach()[:: max(1, t.shape[0] // rows)]
+
+        ours = {n: sample(t) for n, t in weights() if tuple(t.shape) == self.comparable.get(n)}
+        assert ours, "no weight of the engine has the trainer's name and shape"
+        theirs = self.llm.apply_model(lambda model: {n: sample(p).float().cpu() for n, p in model.named_parameters()
+                                                     if n in ours})[0]
+        return max((theirs[n] - ours[n].to(self.dtype).float().cpu()).abs().max().item() for n in ours)
 
     def prompt_logprobs(self, ids: list[int], temperature: float = 1.0) -> list[float]:
         """vLLM's log-probs of ids[1:] given their prefixes (teacher forcing), at `temperature`."""
