@@ -806,6 +806,13 @@ def main(args: Args) -> None:
             hf_models = {n: a.model for n, a in agents.items()}
         save_checkpoint(accelerator, run_dir, state["step"], state, hf_models, tokenizer, args.keep_checkpoints)
 
+    def shut_down():
+        logger.close()
+        grader.close()
+        if engine is not None:
+            engine.close()  # before the process group goes away
+        accelerator.end_training()
+
     if state["step"] == 0 and state["phase"] == 0 and state["dataset"] is None:
         logger.log(evaluate(), 0)
     progress = tqdm(desc="train steps", initial=state["step"], disable=not main_proc,
@@ -873,11 +880,7 @@ def main(args: Args) -> None:
                 checkpoint()  # any process was signalled: all of them stop at the same step
                 if main_proc:
                     print(f"SIGTERM: saved the checkpoint of step {state['step']} in {run_dir}; resume with --resume {run_dir}")
-                logger.close()
-                grader.close()
-                if engine is not None:
-                    engine.close()
-                accelerator.end_training()
+                shut_down()
                 return
         if args.schedule == "switch" and state["step"] >= args.total_steps:
             break
@@ -891,11 +894,7 @@ def main(args: Args) -> None:
             print("final evaluation: " + ", ".join(f"{k} = {v:.4f}" for k, v in final.items()))
     elif main_proc:
         print(f"{run_dir} had finished at step {state['step']}: nothing left to do")
-    logger.close()
-    grader.close()
-    if engine is not None:
-        engine.close()
-    accelerator.end_training()
+    shut_down()
 
 
 if __name__ == "__main__":
