@@ -285,9 +285,9 @@ class Trajectory:
 def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int, max_context_length: int,
                        stop_when_truncated: bool, reas_system: str = prompts.MULTITURN_REAS_SYSTEM) -> list[Trajectory]:
     """Run all conversations turn by turn; each agent's turn is one batched generate_fn(role, prompt ids, keys) call
-    over every live conversation (keys: (the item's "key", turn index) of each, to seed its sample). A conversation ends normally when the MTA has written [FINISH] and the RA has answered;
-    otherwise when a prompt would exceed max_context_length, when a turn is truncated (if stop_when_truncated), or
-    after max_turns turns. reas_system: the RA's system prompt (the judge task asks for a verdict, not a box)."""
+    over every live conversation (keys: (the item's "key", turn index) of each, to seed its sample). A conversation
+    ends normally when the MTA has written [FINISH] and the RA has answered; otherwise when a prompt would exceed
+    max_context_length, when a turn is truncated (if stop_when_truncated), or after max_turns turns. reas_system: the RA's system prompt (the judge task asks for a verdict, not a box)."""
     pieces = prompts.ChatPieces.from_tokenizer(tokenizer)
     closing = tokenizer(pieces.closing, add_special_tokens=False)["input_ids"]  # e.g. [<|im_end|>, "\n"]
 
@@ -610,14 +610,14 @@ def main(args: Args) -> None:
                         turn_ids=[s[2] for s in seqs])
         batch["advantages"] = traj_adv.repeat(len(roles))  # (N,): both agents share the trajectory's advantage
         N = len(seqs)
+        seq_len = batch["attention_mask"].sum(-1)  # (N,): micro-batches are cut from sequences of similar length
         # pi_old is recomputed by the trainer whenever the ratio needs it, and always with vLLM (spec 3.5: the
         # sampler's own log-probs differ from the trainer's by kernels and precision)
         need_old = args.num_iterations > 1 or args.num_mini_batches > 1 or engine is not None
         if need_old:  # pi_old: the policy that sampled the rollout, recomputed before any update (spec 3.5)
             with torch.no_grad():
                 batch["old_logp"] = torch.zeros(batch["turn_ids"].shape, device=device)  # (N, C)
-                by_length = batch["attention_mask"].sum(-1).argsort()  # (N,): micro-batches of similar lengths
-                for idx in by_length.split(args.micro_batch_size):
+                for idx in seq_len.argsort().split(args.micro_batch_size):
                     micro = select(batch, idx)  # (its padding columns cut off)
                     lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
                     batch["old_logp"][idx, : lp.shape[1]] = lp
@@ -639,7 +639,6 @@ def main(args: Args) -> None:
         sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, clip_dual=0.0, units=0.0, entropy=0.0, tokens=0.0,
                     grad_norm=0.0, steps=0)
         agent.model.train()
-        seq_len = batch["attention_mask"].sum(-1)  # (N,)
         for _ in range(args.num_iterations):
             perm = torch.randperm(N, device=device)
             for mb in torch.tensor_split(perm, args.num_mini_batches):

@@ -629,6 +629,7 @@ def main(args: Args) -> None:
         batch = collate(rollout["prompt_ids"], [c.ids for c in rollout["completions"]], tokenizer.pad_token_id, device)
         mask = batch["completion_mask"]  # (N, C)
         N = mask.shape[0]
+        seq_len = batch["attention_mask"].sum(-1)  # (N,): micro-batches are cut from sequences of similar length
         rewards = torch.tensor(rollout["rewards"], dtype=torch.float32, device=device)  # (N,)
         mb_global = args.mini_batch_size or args.rollout_batch_size * G
         mb_local = mb_global // world
@@ -642,8 +643,7 @@ def main(args: Args) -> None:
         with torch.no_grad(), timed("logprobs"):
             if need_old or ref_needed:
                 old, ref = torch.zeros_like(mask), torch.zeros_like(mask)  # (N, C)
-                by_length = batch["attention_mask"].sum(-1).argsort()  # (N,): micro-batches of similar lengths
-                for idx in by_length.split(args.micro_batch_size):
+                for idx in seq_len.argsort().split(args.micro_batch_size):
                     micro = select(batch, idx)  # (its padding columns cut off)
                     if need_old:
                         lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
@@ -683,7 +683,6 @@ def main(args: Args) -> None:
         sums = dict(loss=0.0, clip_low=0.0, clip_high=0.0, kl=0.0, entropy=0.0, tokens=0.0, grad_norm=0.0, steps=0)
         agent.model.train()
         t_update = time.perf_counter()
-        seq_len = batch["attention_mask"].sum(-1)  # (N,)
         for _ in range(args.num_iterations):
             perm = torch.randperm(N, device=device)
             for mb in perm.split(mb_local):

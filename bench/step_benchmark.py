@@ -204,8 +204,8 @@ def read_ours(run_dir: Path) -> list[dict]:
         row = json.loads(line)
         if "time/step" not in row:
             continue  # an evaluation row
-        phases = {p: row.get(f"time/{p}", 0.0) for p in PHASES if p != "other"}
-        phases["reward"] = row.get("time/reward", row.get("time/rewards", 0.0))  # (named time/rewards in newer versions)
+        phases = {p: row.get(f"time/{p}", 0.0) for p in PHASES if p not in ("reward", "other")}
+        phases["reward"] = row.get("time/rewards", 0.0)  # (rema_single.py's name for the phase)
         phases["other"] = row["time/step"] - sum(phases.values())  # decode, prompts, collate, metrics
         steps.append(dict(step=row["time/step"], mean_length=row["policy/completions/mean_length"], **phases))
     return steps

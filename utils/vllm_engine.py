@@ -13,9 +13,11 @@ How it fits a training process:
 - `hold(key, version, weights)` makes the engine hold a given agent's weights at a given version, loading them only
   if it holds something else. With shared parameters there is one key; with separate parameters (two agents) the
   engine swaps weights when it generates for the other agent, so each agent's samples come from its own weights.
-- After every optimizer step the script pushes the new weights (`hold` with the next version) and calls
-  `probe_gap`, the mean |log p_vLLM - log p_trainer| over a fixed probe sequence: a broken weight sync shows up
-  there at once, as a gap of several nats instead of the bf16 rounding noise (about 0.01-0.05).
+- After every optimizer step the script pushes the new weights (`hold` with the next version) and checks them:
+  `weight_gap` compares a sample of the engine's weights with the trainer's (exactly 0 when in sync), and
+  `probe_gap` gives the mean |log p_vLLM - log p_trainer| over a fixed probe sequence. The probe gap alone cannot
+  catch a stale engine early: in bf16 it is rounding noise of 0.003-0.015 nats for the tests' tiny model but
+  0.03-0.09 for SmolLM2, more than one small step moves the policy.
 - Memory: `memory_utilization` is the share of the GPU's memory the engine may take for its weights and KV cache
   (vLLM's `gpu_memory_utilization`); on CPU it is the KV cache's share of RAM (vLLM's own CPU rule subtracts all the
   memory the training process holds, which leaves nothing on a small machine).
