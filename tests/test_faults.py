@@ -85,13 +85,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
             cmd += ["--resume", str(run_dir)]
         log = open(tmp_path / f"killed-{kills}.log", "w")  # a file: a full pipe would stall the run
         proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if kills < 2:  # kill twice, each time at a random moment after the next training step started
-            target = logged_steps(run_dir) + 1
+        if kills < 2:  # kill twice, each time once the next step is logged (and step 1's checkpoint exists)
+            target = max(logged_steps(run_dir) + 1, 2)
             try:
                 wait_for(lambda: logged_steps(run_dir) >= target, proc)
             except AssertionError:
                 break  # it finished before the moment came: nothing more to interrupt
-            time.sleep(rng.uniform(0.0, 3.0))
+            # the first kill lands right after a step's row is logged, before its checkpoint is complete (the rows
+            # after the last checkpoint must be dropped on resume); the second at a random moment
+            time.sleep(0.0 if kills == 0 else rng.uniform(0.0, 3.0))
             os.killpg(proc.pid, signal.SIGKILL)  # the process and its grader workers, as a lost machine
             proc.wait()
             kills += 1
@@ -110,6 +112,26 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), "the resumed run's parameters differ"
     assert comparable(metrics(run_dir)) == comparable(ref_rows)  # one row per step, as if never interrupted
+
+
+def test_logger_rewind_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
+    from utils.tracking import RunLogger
+
+    logger = RunLogger(tmp_path, {}, enabled=True)
+    for step in range(6):
+        logger.log({"reward": float(step)}, step)
+        logger.log_transcripts([{"question": f"q{step}"}], step)
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "rew')  # a row cut off by a kill
+    logger = RunLogger(tmp_path, {}, enabled=True)
+    logger.rewind(3)
+    logger.log({"reward": 40.0}, 4)
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["reward"]) for r in rows] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    shows = [json.loads(line) for line in (tmp_path / "transcripts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in shows] == [0, 1, 2, 3]
 
 
 def test_checkpoint_cut_off_mid_write_leaves_the_last_good_one(tmp_path, tiny_model):
