@@ -6,7 +6,8 @@ cannot evaluate, 50k unclosed braces, binary garbage, lone surrogates. Every suc
 
 Two kinds of test: a fixed list of adversarial cases (ADVERSARIAL_CASES, also timed one by one at training's
 10 s limit by `python bench/hostile_grading.py`), and property-based tests (hypothesis) that compose arbitrary
-and adversarial text. One Grader with a short time limit serves the whole file, so it runs in about a minute.
+and adversarial text. Every grader test runs once per grading mode (utils.grading.GRADERS); one Grader per mode,
+with a short time limit, serves the whole file, so it runs in about two minutes.
 `pytest tests/test_hostile.py -s` prints the measured worst case of a single grade call.
 """
 
@@ -20,7 +21,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from utils.grading import Grader, extract_boxed, has_boxed, parse_verdict
+from utils.grading import (
+    GRADERS,
+    Grader,
+    choice_letter,
+    extract_boxed,
+    final_answer,
+    has_boxed,
+    parse_verdict,
+    prepare_answer,
+)
 
 TIMEOUT = 2.0  # the Grader's hard limit per answer in this file (training uses 10 s)
 MARGIN = 3.0  # on top of TIMEOUT for one call: poll wake-up, SIGKILL and reaping a worker on a busy machine
@@ -68,9 +78,9 @@ ADVERSARIAL_CASES: list[tuple[str, str, str]] = [
 ]
 
 
-@pytest.fixture(scope="module")
-def grader():
-    with Grader(timeout=TIMEOUT, num_workers=2) as g:
+@pytest.fixture(scope="module", params=GRADERS)
+def grader(request):
+    with Grader(timeout=TIMEOUT, num_workers=2, mode=request.param) as g:
         yield g
 
 
@@ -134,6 +144,10 @@ def test_text_functions_never_raise(text):
     assert boxed is None or boxed in text
     assert has_boxed(text) in (True, False)
     assert parse_verdict(text) in ("A", "B", None)
+    answer = final_answer(text)  # what the rema grader reads: it runs in the worker, but must not raise there either
+    assert answer is None or isinstance(answer, str)
+    assert isinstance(prepare_answer(text), str)
+    assert choice_letter(text, lenient=True) in (*"ABCDE", None)
 
 
 # Text without backslashes or braces, so that it cannot open, close or escape a box.
@@ -182,7 +196,7 @@ ONE_MB_INPUTS = {
 @pytest.mark.parametrize("name", list(ONE_MB_INPUTS))
 def test_text_functions_are_fast_on_1_mb(name):
     text = ONE_MB_INPUTS[name]
-    for fn in (extract_boxed, has_boxed, parse_verdict):
+    for fn in (extract_boxed, has_boxed, parse_verdict, final_answer, prepare_answer, choice_letter):
         start = time.monotonic()
         fn(text)
         assert time.monotonic() - start < 2.0, f"{fn.__name__} on 1 MB of {name}"
