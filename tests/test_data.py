@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -385,6 +386,100 @@ def test_arithmetic_bad_config_and_split():
         arithmetic_examples(ArithmeticConfig(num_operands=1), "train", 0)
     with pytest.raises(DataError, match="split"):
         arithmetic_examples(ArithmeticConfig(), "validation", 0)
+
+
+# The "decomposition" setting of the ArithmeticConfig docstring, with room for many samples
+BRACKETED = ArithmeticConfig(max_operand=9, num_operands=4, operations="+-*", parentheses=True, train_size=3000, test_size=300)
+
+
+def _expression(question: str) -> str:
+    assert question.startswith("What is ") and question.endswith("?"), question
+    return question[len("What is "):-1]
+
+
+@pytest.mark.parametrize("cfg", [BRACKETED, ArithmeticConfig(max_operand=30, num_operands=5, operations="-*", parentheses=True,
+                                                              train_size=1000, test_size=100)])
+def test_parentheses_evaluate_like_python(cfg):
+    rows = arithmetic_examples(cfg, "train", 0) + arithmetic_examples(cfg, "test", 0)
+    assert len(rows) == cfg.train_size + cfg.test_size
+    for row in rows:
+        assert re.fullmatch(r"[\d +\-*()]+", _expression(row["question"])), row
+        assert row["answer"] == str(eval(_expression(row["question"]), {"__builtins__": {}})), row
+        assert len(re.findall(r"\d+", row["question"])) == cfg.num_operands
+    bracketed = [row["question"] for row in rows if "(" in row["question"]]
+    assert 0.3 * len(rows) < len(bracketed) < len(rows)  # most questions have parentheses, some need none
+    # the parentheses change the value (not decoration): read without them, many questions give another answer
+    changed = [row for row in rows if "(" in row["question"]
+               and eval(_expression(row["question"]).replace("(", "").replace(")", "")) != int(row["answer"])]
+    assert len(changed) > 0.2 * len(bracketed)
+
+
+def test_parentheses_hand_checked():
+    from utils.data import _render, _tree, _value
+
+    assert _render(("*", ("+", 7, 12), ("-", 3, 5))) == "(7 + 12) * (3 - 5)"
+    assert _value(("*", ("+", 7, 12), ("-", 3, 5))) == -38
+    assert _render(("-", 9, ("*", ("-", 4, 2), 3))) == "9 - (4 - 2) * 3"
+    assert _render(("-", 9, ("-", 4, 2))) == "9 - (4 - 2)" and _render(("-", ("-", 9, 4), 2)) == "9 - 4 - 2"
+    assert _render(("+", 1, ("+", 2, 3))) == "1 + (2 + 3)"  # the tree is shown even where the value is the same
+    assert _render(("*", ("*", 2, 3), 4)) == "2 * 3 * 4" and _render(("+", ("*", 2, 3), 4)) == "2 * 3 + 4"
+    assert _tree([10, 2, 3, 4], ["-", "*", "*"]) == ("-", 10, ("*", ("*", 2, 3), 4))  # the usual reading
+
+
+def test_parentheses_distinct_exact_count_disjoint_deterministic():
+    # 3**3 * 2**2 = 108 questions: the count stays exact with parentheses, so all of them are drawn
+    small = ArithmeticConfig(max_operand=3, num_operands=3, operations="+-", parentheses=True, train_size=1000, test_size=8)
+    train, test = arithmetic_examples(small, "train", 0), arithmetic_examples(small, "test", 0)
+    assert (len(train), len(test)) == (100, 8)
+    assert len({row["question"] for row in train + test}) == 108
+    assert {row["question"].replace("(", "").replace(")", "") for row in train + test} == {
+        row["question"] for row in arithmetic_examples(dataclasses.replace(small, parentheses=False), "train", 0)
+        + arithmetic_examples(dataclasses.replace(small, parentheses=False), "test", 0)}
+    train, test = arithmetic_examples(BRACKETED, "train", 0), arithmetic_examples(BRACKETED, "test", 0)
+    train_q, test_q = [row["question"] for row in train], [row["question"] for row in test]
+    assert len(set(train_q)) == len(train_q) and len(set(test_q)) == len(test_q) and not set(train_q) & set(test_q)
+    assert arithmetic_examples(BRACKETED, "train", 0) == train
+    # the bracketing belongs to the expression, whatever the seed and the split
+    other = arithmetic_examples(BRACKETED, "train", 5) + arithmetic_examples(BRACKETED, "test", 5)
+    by_flat = {q.replace("(", "").replace(")", ""): q for q in train_q + test_q}
+    common = [row["question"] for row in other if row["question"].replace("(", "").replace(")", "") in by_flat]
+    assert len(common) > 20  # about 3300 * 3300 / 177147 = 61 expected
+    assert all(by_flat[q.replace("(", "").replace(")", "")] == q for q in common)
+
+
+def test_parentheses_space_too_small_is_still_an_error():
+    cfg = ArithmeticConfig(max_operand=2, num_operands=3, operations="+", parentheses=True, test_size=9)  # 8 questions
+    with pytest.raises(DataError, match=r"only 8 distinct questions .*test_size=9"):
+        arithmetic_examples(cfg, "test", 0)
+    assert len(arithmetic_examples(dataclasses.replace(cfg, test_size=8), "test", 0)) == 8
+
+
+def test_config_seed_fixes_the_draw():
+    cfg = ArithmeticConfig(max_operand=50, seed=3)
+    assert load_examples("arithmetic", split="test", arithmetic=cfg) == arithmetic_examples(cfg, "test", 3)
+    assert load_examples("arithmetic", split="test", arithmetic=cfg, seed=4) == arithmetic_examples(cfg, "test", 4)
+    assert load_examples("arithmetic", split="test") == arithmetic_examples(ArithmeticConfig(), "test", 0)
+    with pytest.raises(DataError, match="seed must be an integer"):
+        arithmetic_examples(ArithmeticConfig(seed="3"), "test", 0)
+    with pytest.raises(DataError, match="parentheses must be True or False"):
+        arithmetic_examples(ArithmeticConfig(parentheses="yes"), "test", 0)
+
+
+def test_arithmetic_steps():
+    from utils.data import arithmetic_steps
+
+    assert arithmetic_steps("What is 12 + 30?") == ["12 + 30", "42"]
+    assert arithmetic_steps("What is 7 + 12 * 3?") == ["7 + 12 * 3", "7 + 36", "43"]
+    assert arithmetic_steps("What is (7 + 12) * (3 - 5)?") == ["(7 + 12) * (3 - 5)", "19 * (3 - 5)", "19 * (-2)", "-38"]
+    assert arithmetic_steps("What is 2 - 2 * 3 - 8?") == ["2 - 2 * 3 - 8", "2 - 6 - 8", "(-4) - 8", "-12"]
+    for row in arithmetic_examples(BRACKETED, "test", 0):
+        steps = arithmetic_steps(row["question"])
+        assert steps[0] == _expression(row["question"]) and steps[-1] == row["answer"]
+        assert len(steps) == BRACKETED.num_operands  # one operation per step
+        assert all(eval(step, {"__builtins__": {}}) == int(row["answer"]) for step in steps)
+    for bad in ("What is 2 / 3?", "What is x + 1?", "What is 2 +?", "How much is 2 + 3?"):
+        with pytest.raises(DataError, match="not a question of the arithmetic task"):
+            arithmetic_steps(bad)
 
 
 # --------------------------------------------------------------------------------------------------

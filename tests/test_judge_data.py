@@ -1,12 +1,16 @@
 """Tests for utils/judge_data.py: RewardBench pairs to pair-ranking items, the strict / loose balanced splits, row
-validation, the hub path and the command line (read back by eval.py's judge loader).
+validation, the hub path and the command line (read back by eval.py's judge loader); the one split definition and
+its checks (the split leak); the built-in arithmetic pairs.
 
 The synthetic table below has four subsets of unequal sizes, and two of them repeat prompts (two pairs per prompt),
-as RewardBench does (alpacaeval-easy/-hard, mt-bench-*), so that the strict and loose splits differ."""
+as RewardBench does (alpacaeval-easy/-hard, mt-bench-*), so that the strict and loose splits differ. The split-leak
+tests use a table of RewardBench's own shape (2985 pairs, 23 subsets), so that the default sizes 5000 / 970 apply."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 import types
@@ -18,8 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import eval as ev
-from utils.data import DataError
-from utils.judge_data import build_splits, load_rewardbench, pair_items, write_jsonl
+from utils.data import ArithmeticConfig, DataError, arithmetic_examples
+from utils.judge_data import (SPLIT_SEED, Args, SplitSpec, arithmetic_pairs, build_splits, check_disjoint,
+                              check_same_split, is_rewardbench, load_judge_examples, load_judge_train_eval,
+                              load_rewardbench, main, pair_items, read_split_spec, write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
 JUDGEBENCH = ROOT.parent / "shared" / "data" / "judgebench_gpt4o.jsonl"
@@ -204,7 +210,9 @@ def test_cli_writes_splits_that_eval_reads(tmp_path):
     assert (train, test) == build_splits(rewardbench_rows(), "strict", 26, 20, seed=0)
     assert list(test[0]) == ["question", "response_A", "response_B", "label", "subset", "id", "pair_id"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["mode"] == "strict" and manifest["seed"] == 0
+    assert manifest["mode"] == "strict" and manifest["split_seed"] == 0  # the flag --seed is now --split_seed
+    assert manifest["split"] == {"source": str(source.resolve()), "mode": "strict", "train_size": 26, "test_size": 20,
+                                 "split_seed": SPLIT_SEED}
     assert manifest["subset_counts"]["test"] == {"chat": 8, "code": 4, "math": 4, "safety": 4}
 
     # eval.py --task judge: the whole file is one benchmark named after it, or one per subset with --dataset_field
@@ -231,3 +239,263 @@ def test_items_and_judgebench_share_the_fields_eval_reads(tmp_path):
     questions = ev.load_questions(ev.Args(task="judge", datasets=(str(ours), str(JUDGEBENCH))))
     assert Counter(q["benchmark"] for q in questions) == {"rewardbench970": 29, "judgebench_gpt4o": 350}
     assert all(set(q) == {"benchmark", "index", "question", "answer", "response_A", "response_B"} for q in questions)
+
+
+# --------------------------------------------------------------------------------------------------
+# One split definition: the split leak and its checks
+# --------------------------------------------------------------------------------------------------
+
+# RewardBench v1 "filtered": 23 subsets, 2985 pairs = 5970 items = 5000 + 970. As in RewardBench, alpacaeval-* ask
+# the same prompts in three subsets, and mt-bench-* and math-prm ask each prompt twice (two pairs).
+RB_SIZES = {"alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
+            "mt-bench-med": 40, "mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
+            "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46, "refusals-dangerous": 100,
+            "refusals-offensive": 100, "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136,
+            "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+            "math-prm": 447}
+
+
+def rewardbench_like_rows() -> list[dict]:
+    rows = []
+    for subset, pairs in RB_SIZES.items():
+        for k in range(pairs):
+            if subset.startswith("alpacaeval"):
+                prompt = f"alpacaeval prompt {k}"
+            elif subset.startswith("mt-bench") or subset == "math-prm":
+                prompt = f"{subset} prompt {k // 2}"
+            else:
+                prompt = f"{subset} prompt {k}"
+            rows.append({"prompt": prompt, "chosen": f"{subset} good {k}", "rejected": f"{subset} bad {k}",
+                         "subset": subset, "id": len(rows)})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def rewardbench_file(tmp_path_factory) -> Path:
+    return write_rows(tmp_path_factory.mktemp("rb") / "reward_bench.jsonl", rewardbench_like_rows())
+
+
+def questions(items: list[dict]) -> set[str]:
+    return {item["question"] for item in items}
+
+
+def test_rewardbench_like_table_has_rewardbench_shape():
+    rows = rewardbench_like_rows()
+    assert (len(rows), len(RB_SIZES), 2 * len(rows)) == (2985, 23, 5000 + 970)
+    assert len({row["prompt"] for row in rows}) < len(rows)  # some prompts are shared, within and across subsets
+
+
+def test_the_leak_two_split_seeds_share_most_instructions(rewardbench_file):
+    """The mechanism of the issue: training split RewardBench with its training --seed (1), the command line wrote
+    test.jsonl with seed 0. Two draws of the same table share most instructions, and check_disjoint says so."""
+    rows = load_rewardbench(str(rewardbench_file))
+    train_seed_1 = build_splits(rows, "strict", seed=1)[0]
+    test_seed_0 = build_splits(rows, "strict", seed=0)[1]
+    shared = questions(train_seed_1) & questions(test_seed_0)
+    leaked = [item for item in test_seed_0 if item["question"] in shared]
+    print(f"\nstrict, train seed 1 vs test seed 0: {len(shared)} shared instructions, {len(leaked)} of 970 test items leak")
+    assert len(shared) > 0 and len(leaked) > 0
+    with pytest.raises(DataError, match=rf"shares {len(shared)} instruction\(s\) .*\({len(leaked)} of its 970 items\)"):
+        check_disjoint(train_seed_1, test_seed_0, "strict", "train", "test")
+
+    loose_train, loose_test = build_splits(rows, "loose", seed=1)[0], build_splits(rows, "loose", seed=0)[1]
+    identical = triples(loose_train) & triples(loose_test)
+    print(f"loose, train seed 1 vs test seed 0: {len(identical)} of 970 test items are training items")
+    assert len(identical) > 0
+    with pytest.raises(DataError, match=rf"shares {len(identical)} identical item\(s\)"):
+        check_disjoint(loose_train, loose_test, "loose", "train", "test")
+
+
+@pytest.mark.parametrize("mode", ["strict", "loose"])
+def test_readme_workflow_shares_nothing(rewardbench_file, tmp_path, mode):
+    """The README's workflow: the command line with its defaults writes test.jsonl; a training run splits RewardBench
+    itself, as the scripts do (split seed SPLIT_SEED, default sizes). No instruction (strict) / item (loose) is shared."""
+    out = tmp_path / f"judge_{mode}"
+    proc = subprocess.run([sys.executable, "-m", "utils.judge_data", "--source", str(rewardbench_file), "--mode", mode,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    test = load_judge_examples(str(out / "test.jsonl"), "test")
+    train = load_judge_examples(str(rewardbench_file), "train", mode=mode, split_seed=SPLIT_SEED)
+    assert (len(train), len(test)) == (5000, 970)
+    if mode == "strict":
+        assert len(questions(train) & questions(test)) == 0
+    else:
+        assert len(triples(train) & triples(test)) == 0
+        assert questions(train) & questions(test)  # loose: prompts may sit on both sides
+    assert read_split_spec(str(out / "test.jsonl")) == SplitSpec(str(rewardbench_file), mode, 5000, 970, SPLIT_SEED)
+    # the training scripts' one call gives the same items, checked; the train.jsonl beside it works too
+    assert load_judge_train_eval(str(rewardbench_file), str(out / "test.jsonl"), mode=mode) == (train, test)
+    assert load_judge_train_eval(str(out / "train.jsonl"), str(out / "test.jsonl"), mode=mode) == (train, test)
+    # the old mismatch (the training seed as split seed) is refused before any training, naming both splits
+    with pytest.raises(DataError, match=rf"belongs to the {mode} split .*split seed 0.*this run uses the {mode} split "
+                                        r".*split seed 1\b.*split_seed 1 vs 0"):
+        load_judge_train_eval(str(rewardbench_file), str(out / "test.jsonl"), mode=mode, split_seed=1)
+
+
+def test_check_disjoint_names_count_example_and_fix():
+    def item(q, a="x", b="y"):
+        return {"question": q, "response_A": a, "response_B": b, "label": "A>B"}
+
+    train = [item("p1"), item("p2"), item("p3")]
+    test = [item("p1", "other", "answers"), item("p2"), item("p2", "y", "x"), item("p9")]
+    with pytest.raises(DataError) as error:
+        check_disjoint(train, test, "strict", "the training set T", "the held-out set H")
+    message = str(error.value)
+    for words in ("the held-out set H shares 2 instruction(s) with the training set T", "(3 of its 4 items)",
+                  "e.g. 'p1'", "test.jsonl written together with the training split", "--judge.split_seed"):
+        assert words in message
+    with pytest.raises(DataError, match=r"shares 1 identical item\(s\) .*\(1 of its 4 items\), e\.g\. \('p2', 'x', 'y'\)"):
+        check_disjoint(train, test, "loose", "train", "test")
+    check_disjoint(train, [item("p1", "other", "answers"), item("p2", "y", "x")], "loose", "train", "test")  # no raise
+    check_disjoint(train, [item("p9")], "strict", "train", "test")
+    with pytest.raises(ValueError, match="mode"):
+        check_disjoint(train, test, "tight", "train", "test")
+
+
+def test_split_spec_from_the_manifest_and_refused_mismatches(tmp_path):
+    source = write_rows(tmp_path / "rb.jsonl", rewardbench_rows())
+    main(Args(source=str(source), mode="strict", out=str(tmp_path / "s"), train_size=26, test_size=20))
+    spec = read_split_spec(str(tmp_path / "s" / "test.jsonl"))
+    assert spec == read_split_spec(str(tmp_path / "s" / "train.jsonl"))
+    assert spec == SplitSpec(str(source.resolve()), "strict", 26, 20, SPLIT_SEED)
+    assert spec == SplitSpec(str(source), "strict", 26, 20, 0)  # a relative or absolute path names one source
+    assert spec.describe() == f"strict split of {source.resolve()} (26 train / 20 test items, split seed 0)"
+    check_same_split(SplitSpec(str(source), "strict", 26, 20, 0), spec, "test.jsonl")  # the same split: no raise
+    check_same_split(SplitSpec(str(source), "loose", 1, 1, 7), None, "judgebench.jsonl")  # nothing to compare
+    for other, field in ((SplitSpec(str(source), "strict", 26, 20, 1), "split_seed 1 vs 0"),
+                         (SplitSpec(str(source), "loose", 26, 20, 0), "mode 'loose' vs 'strict'"),
+                         (SplitSpec(str(source), "strict", 30, 16, 0), "train_size 30 vs 26; test_size 16 vs 20"),
+                         (SplitSpec("allenai/reward-bench", "strict", 26, 20, 0), "source 'allenai/reward-bench' vs")):
+        with pytest.raises(DataError) as error:
+            check_same_split(other, spec, "data/judge/test.jsonl")
+        message = str(error.value)
+        assert message.startswith(f"data/judge/test.jsonl belongs to the {spec.describe()}, but this run uses the "
+                                  f"{other.describe()}")
+        assert field in message and "python -m utils.judge_data" in message
+    # a run whose split flags disagree with the file is refused before it trains
+    with pytest.raises(DataError, match="train_size 30 vs 26"):
+        load_judge_train_eval(str(source), str(tmp_path / "s" / "test.jsonl"), train_size=30, test_size=16)
+
+
+def test_read_split_spec_other_files_old_and_damaged_manifests(tmp_path):
+    write_jsonl(tmp_path / "j" / "test.jsonl", [{"question": "q", "response_A": "a", "response_B": "b", "label": "A>B"}])
+    assert read_split_spec(str(tmp_path / "j" / "test.jsonl")) is None  # no manifest beside it
+    assert read_split_spec("allenai/reward-bench") is None and read_split_spec("arithmetic") is None
+    if JUDGEBENCH.exists():
+        assert read_split_spec(str(JUDGEBENCH)) is None
+    manifest = tmp_path / "j" / "manifest.json"
+    manifest.write_text(json.dumps({"source": "allenai/reward-bench", "mode": "loose", "train_size": 5000,
+                                    "test_size": 970, "seed": 3, "subset_counts": {}}))  # written before SplitSpec
+    assert read_split_spec(str(tmp_path / "j" / "test.jsonl")) == SplitSpec("allenai/reward-bench", "loose", 5000, 970, 3)
+    manifest.write_text('{"split": {"source": "x", "mode": "strict"}}')
+    with pytest.raises(DataError, match=r"manifest.json: the split is missing or malformed \(fields train_size, test_size, split_seed\)"):
+        read_split_spec(str(tmp_path / "j" / "test.jsonl"))
+    manifest.write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+        read_split_spec(str(tmp_path / "j" / "test.jsonl"))
+
+
+def test_split_seed_and_its_former_name(tmp_path):
+    source = str(write_rows(tmp_path / "rb.jsonl", rewardbench_rows()))
+    sizes = dict(mode="loose", train_size=17, test_size=29)
+    assert load_judge_examples(source, "test", **sizes) == load_judge_examples(source, "test", split_seed=SPLIT_SEED, **sizes)
+    assert load_judge_examples(source, "test", seed=1, **sizes) == load_judge_examples(source, "test", split_seed=1, **sizes)
+    assert load_judge_examples(source, "test", split_seed=1, **sizes) != load_judge_examples(source, "test", **sizes)
+    with pytest.raises(ValueError, match="former name"):
+        load_judge_examples(source, "test", seed=1, split_seed=0, **sizes)
+
+
+def test_train_eval_needs_a_held_out_set_for_a_file_of_items(tmp_path):
+    items = tmp_path / "items.jsonl"
+    write_jsonl(items, [{"question": "q", "response_A": "a", "response_B": "b", "label": "A>B"}])
+    with pytest.raises(DataError, match="is a file of items: pass a held-out source"):
+        load_judge_train_eval(str(items))
+    # a held-out file of another origin is still checked against the training items
+    with pytest.raises(DataError, match=r"shares 1 instruction\(s\)"):
+        load_judge_train_eval(str(items), str(items))
+
+
+# --------------------------------------------------------------------------------------------------
+# The built-in arithmetic pairs
+# --------------------------------------------------------------------------------------------------
+
+HARD = ArithmeticConfig(max_operand=9, num_operands=4, operations="+-*", parentheses=True, train_size=300, test_size=60)
+
+
+def final_number(response: str) -> int:
+    match = re.fullmatch(r"(?:.* = )?(-?\d+)(?:\. The answer is (-?\d+)\.)?", response)
+    assert match, response
+    assert match.group(2) is None or match.group(1) == match.group(2), response
+    return int(match.group(1))
+
+
+def test_arithmetic_pairs_shape_and_both_orders():
+    cfg = ArithmeticConfig(train_size=40, test_size=10)
+    questions_ = arithmetic_examples(cfg, "train", cfg.seed)
+    items = arithmetic_pairs(cfg, "train")
+    assert len(items) == 2 * len(questions_) == 80
+    for n, (first, second) in enumerate(zip(items[::2], items[1::2])):
+        assert list(first) == ["question", "response_A", "response_B", "label", "subset", "id", "pair_id", "answer"]
+        assert first["question"] == second["question"] == questions_[n]["question"]
+        assert (first["response_A"], first["response_B"]) == (second["response_B"], second["response_A"])
+        assert (first["label"], first["answer"], second["label"], second["answer"]) == ("A>B", "A", "B>A", "B")
+        assert first["subset"] == "arithmetic" and first["id"] == second["id"] == f"arithmetic-train-{n}"
+        assert (first["pair_id"], second["pair_id"]) == (f"arithmetic-train-{n}:A>B", f"arithmetic-train-{n}:B>A")
+
+
+@pytest.mark.parametrize("cfg", [ArithmeticConfig(train_size=50, test_size=20), HARD])
+def test_arithmetic_pairs_exactly_one_right_response_and_the_label_names_it(cfg):
+    for split in ("train", "test"):
+        for item in arithmetic_pairs(cfg, split):
+            truth = eval(item["question"][len("What is "):-1], {"__builtins__": {}})  # an independent evaluation
+            right = [final_number(item[f"response_{side}"]) == truth for side in "AB"]
+            assert right.count(True) == 1, item
+            assert "AB"[right.index(True)] == item["answer"] == item["label"][0]
+
+
+def test_arithmetic_pairs_worked_solutions_slip_only_in_the_last_step():
+    for item in arithmetic_pairs(HARD, "test"):
+        good, bad = (item["response_A"], item["response_B"]) if item["answer"] == "A" else (item["response_B"], item["response_A"])
+        good_steps, bad_steps = good.split(". The answer")[0].split(" = "), bad.split(". The answer")[0].split(" = ")
+        assert good_steps[0] == bad_steps[0] == item["question"][len("What is "):-1]
+        assert good_steps[:-1] == bad_steps[:-1] and good_steps[-1] != bad_steps[-1]
+        truth = int(good_steps[-1])
+        assert all(eval(step, {"__builtins__": {}}) == truth for step in good_steps)  # every step keeps the value
+
+
+def test_arithmetic_pairs_deterministic_disjoint_and_loaded_by_name():
+    assert arithmetic_pairs(HARD, "train") == arithmetic_pairs(HARD, "train")
+    train, test = arithmetic_pairs(HARD, "train"), arithmetic_pairs(HARD, "test")
+    assert (len(train), len(test)) == (600, 120)
+    assert not questions(train) & questions(test)
+    check_disjoint(train, test, "strict", "train", "test")  # strict holds, so loose too
+    assert not is_rewardbench("arithmetic")
+    assert load_judge_examples("arithmetic", "test", arithmetic=HARD) == test
+    assert load_judge_examples("arithmetic", "train", arithmetic=HARD, limit=5) == train[:5]
+    assert load_judge_examples("arithmetic", "test")[0]["question"] == arithmetic_examples(ArithmeticConfig(), "test", 0)[0]["question"]
+    assert load_judge_train_eval("arithmetic", arithmetic=HARD) == (train, test)
+    # the config's seed moves the questions; the train/test draw is the arithmetic task's own
+    other = arithmetic_pairs(dataclasses.replace(HARD, seed=1), "test")
+    assert questions(other) != questions(test)
+    with pytest.raises(DataError, match="split"):
+        arithmetic_pairs(HARD, "validation")
+
+
+def test_arithmetic_pairs_difficulty_knobs():
+    cfg = ArithmeticConfig(train_size=200, test_size=20)
+    right_and_wrong = {}
+    for max_error in (1, 3, 50):
+        gaps = []
+        for item in arithmetic_pairs(cfg, "train", max_error=max_error)[::2]:  # the A>B order: A is right
+            gaps.append(final_number(item["response_B"]) - final_number(item["response_A"]))
+        assert all(0 < abs(gap) <= max_error for gap in gaps)
+        right_and_wrong[max_error] = gaps
+    assert set(right_and_wrong[1]) == {-1, 1}
+    assert max(map(abs, right_and_wrong[50])) > 10  # a wider range is used, not just allowed
+    bare = arithmetic_pairs(cfg, "test", worked=False)
+    assert all(re.fullmatch(r"-?\d+", item[f"response_{side}"]) for item in bare for side in "AB")
+    worked = arithmetic_pairs(cfg, "test")
+    assert worked[0]["response_A"] == f"{worked[0]['question'][8:-1]} = {bare[0]['response_A']}. The answer is {bare[0]['response_A']}."
+    for max_error in (0, -2, 1.5):
+        with pytest.raises(DataError, match="max_error must be an integer >= 1"):
+            arithmetic_pairs(cfg, "test", max_error=max_error)

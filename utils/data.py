@@ -12,8 +12,9 @@ values are stored under ``"question"``/``"answer"`` and the original keys are dr
 
 Three kinds of source are accepted:
 
-1. ``"arithmetic"``: a built-in procedural task (``"What is 7 + 12 - 3?"`` -> ``"16"``), see
-   :class:`ArithmeticConfig` and :func:`arithmetic_examples`. Handy for smoke tests and learning checks.
+1. ``"arithmetic"``: a built-in procedural task (``"What is 7 + 12 - 3?"`` -> ``"16"``, optionally with
+   parentheses), see :class:`ArithmeticConfig` and :func:`arithmetic_examples`. Handy for smoke tests and
+   learning checks. (``utils.judge_data.arithmetic_pairs`` turns it into a pair-ranking task for the judge.)
 2. A local file: ``.jsonl`` (one JSON object per line, blank lines skipped), ``.json`` (a list of objects
    or ``{"data": [...]}``) or ``.parquet``.
 3. A Hugging Face hub dataset id ``"owner/name"`` or ``"owner/name:config"``, loaded with
@@ -26,6 +27,7 @@ row (``.json``, ``.parquet``, hub; 1-based) and the field, and says how to fix i
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import math
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["DataError", "ArithmeticConfig", "arithmetic_examples", "load_examples"]
+__all__ = ["DataError", "ArithmeticConfig", "arithmetic_examples", "arithmetic_steps", "load_examples"]
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
@@ -70,6 +72,14 @@ class ArithmeticConfig:
     elements. If it is smaller than ``test_size + train_size``, the test set is filled first and the train
     set gets all remaining questions (so it is shorter than ``train_size``); if even the test set cannot be
     filled, :func:`arithmetic_examples` raises :class:`DataError`.
+
+    With ``parentheses=True`` every question gets one bracketing: a random binary tree over its operands, fixed
+    by the question's index in the space, written with the parentheses the usual reading (``*`` first, then left
+    to right) needs to give that tree: ``"What is (7 + 12) * (3 - 5)?"``, ``"What is 9 - (4 - 2) * 3?"``, and
+    sometimes none. Parentheses never reorder operands or operators, so the count above stays exact.
+
+    A setting where decomposing the question plausibly helps (a few steps, each easy):
+    ``ArithmeticConfig(max_operand=9, num_operands=4, operations="+-*", parentheses=True)``.
     """
 
     max_operand: int = 20  # operands drawn from 1..max_operand   (difficulty knob)
@@ -77,6 +87,8 @@ class ArithmeticConfig:
     operations: str = "+"  # characters from "+-*", e.g. "+-"
     train_size: int = 1000
     test_size: int = 100
+    parentheses: bool = False  # a random bracketing per question   (difficulty knob)
+    seed: int = 0  # seed of the train/test draw: runs with other training seeds share one held-out set
 
 
 _OPERATIONS = "+-*"
@@ -97,6 +109,10 @@ def _check_arithmetic_config(cfg: ArithmeticConfig) -> str:
         problems.append(f"train_size must be an integer >= 0 (got {cfg.train_size!r})")
     if not _is_int(cfg.test_size) or cfg.test_size < 1:
         problems.append(f"test_size must be an integer >= 1 (got {cfg.test_size!r})")
+    if not isinstance(cfg.parentheses, bool):
+        problems.append(f"parentheses must be True or False (got {cfg.parentheses!r})")
+    if not _is_int(cfg.seed):
+        problems.append(f"seed must be an integer (got {cfg.seed!r})")
     if problems:
         raise DataError("invalid ArithmeticConfig: " + "; ".join(problems) + ".")
     return "".join(dict.fromkeys(ops))
@@ -131,17 +147,50 @@ def _decode(index: int, cfg: ArithmeticConfig, ops: str) -> tuple[list[int], lis
     return operands, operators
 
 
+# An expression tree: a leaf is an int, a node is (operator, left, right).
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
+
+
+def _tree(operands: list[int], operators: list[str], rng: random.Random | None = None):
+    """The tree of ``a op b op c ...``. Without ``rng``: the usual reading, ``*`` before ``+`` and ``-``, left to
+    right (the root is the last operator of the lowest precedence). With ``rng``: a random bracketing, the root
+    operator drawn uniformly, then the same for each side."""
+    if len(operands) == 1:
+        return operands[0]
+    if rng is None:
+        lowest = min(_PRECEDENCE[op] for op in operators)
+        k = max(k for k, op in enumerate(operators) if _PRECEDENCE[op] == lowest)
+    else:
+        k = rng.randrange(len(operators))
+    return (operators[k], _tree(operands[: k + 1], operators[:k], rng), _tree(operands[k + 1 :], operators[k + 1 :], rng))
+
+
+def _value(tree) -> int:
+    if isinstance(tree, int):
+        return tree
+    op, left, right = tree
+    a, b = _value(left), _value(right)
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _render(tree, top: bool = True) -> str:
+    """The tree as text with only the parentheses the usual reading needs: around a left side that binds less
+    tightly than its operator, and a right side that binds less or equally tightly (``9 - (4 - 2)``). A negative
+    number inside an expression is bracketed too (``19 * (-2)``), as in a worked solution."""
+    if isinstance(tree, int):
+        return f"({tree})" if tree < 0 and not top else str(tree)
+    op, left, right = tree
+    a, b = _render(left, top=False), _render(right, top=False)
+    if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
+        a = f"({a})"
+    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
+        b = f"({b})"
+    return f"{a} {op} {b}"
+
+
 def _evaluate(operands: list[int], operators: list[str]) -> int:
     """Evaluate ``a op b op c ...`` with normal precedence: ``*`` before ``+`` and ``-``, left to right."""
-    total, term = 0, operands[0]
-    sign = 1
-    for op, x in zip(operators, operands[1:]):
-        if op == "*":
-            term *= x
-        else:
-            total += sign * term
-            sign, term = (1 if op == "+" else -1), x
-    return total + sign * term
+    return _value(_tree(operands, operators))
 
 
 def arithmetic_examples(cfg: ArithmeticConfig, split: str, seed: int) -> list[dict]:
@@ -152,6 +201,9 @@ def arithmetic_examples(cfg: ArithmeticConfig, split: str, seed: int) -> list[di
     as question strings. If the space is too small, the train split holds all remaining expressions
     (fewer than ``train_size``); if the test split cannot be filled, :class:`DataError` is raised.
     Answers are integers written with ``str()`` and may be negative when ``"-"`` is among the operations.
+    With ``cfg.parentheses`` each expression gets the bracketing of :class:`ArithmeticConfig`, drawn with a
+    generator seeded by the expression's index (so it does not depend on ``seed`` or the split).
+    The training scripts pass ``cfg.seed`` as ``seed``.
     """
     ops = _check_arithmetic_config(cfg)
     if split not in ("train", "test"):
@@ -171,8 +223,85 @@ def arithmetic_examples(cfg: ArithmeticConfig, split: str, seed: int) -> list[di
     rows = []
     for index in indices:
         operands, operators = _decode(index, cfg, ops)
-        expression = str(operands[0]) + "".join(f" {op} {x}" for op, x in zip(operators, operands[1:]))
-        rows.append({"question": f"What is {expression}?", "answer": str(_evaluate(operands, operators)), "dataset": "arithmetic"})
+        tree = _tree(operands, operators, random.Random(index) if cfg.parentheses else None)
+        rows.append({"question": f"What is {_render(tree)}?", "answer": str(_value(tree)), "dataset": "arithmetic"})
+    return rows
+
+
+_AST_OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*"}
+
+
+def _parse(expression: str, question: str):
+    """The tree of an expression of the arithmetic task (read with Python's parser, which has the same precedence)."""
+
+    def tree(node):
+        if isinstance(node, ast.Constant) and _is_int(node.value):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPERATORS:
+            return (_AST_OPERATORS[type(node.op)], tree(node.left), tree(node.right))
+        raise DataError(f"{question!r} is not a question of the arithmetic task (integers, + - * and parentheses).")
+
+    try:
+        return tree(ast.parse(expression, mode="eval").body)
+    except SyntaxError:
+        raise DataError(f"{question!r} is not a question of the arithmetic task (integers, + - * and parentheses).") from None
+
+
+def _reduce_once(tree):
+    """The tree with one operation done: the leftmost one whose two sides are numbers."""
+    op, left, right = tree
+    if isinstance(left, int) and isinstance(right, int):
+        return _value(tree)
+    if not isinstance(left, int):
+        return (op, _reduce_once(left), right)
+    return (op, left, _reduce_once(right))
+
+
+def arithmetic_steps(question: str) -> list[str]:
+    """The worked solution of a question of the arithmetic task as a chain of expressions, one operation done per
+    step (the leftmost one whose two sides are numbers), ending with the answer:
+    ``"What is (7 + 12) * 3?"`` -> ``["(7 + 12) * 3", "19 * 3", "57"]``."""
+    if not (question.startswith("What is ") and question.endswith("?")):
+        raise DataError(f"{question!r} is not a question of the arithmetic task ('What is <expression>?').")
+    steps = [_parse(question[len("What is ") : -1], question)]
+    while not isinstance(steps[-1], int):
+        steps.append(_reduce_once(steps[-1]))
+    return [_render(step) for step in steps]
+
+
+def arithmetic_conversations(cfg: ArithmeticConfig, split: str) -> list[dict]:
+    """Multi-turn ReMA conversations that demonstrate the protocol on the arithmetic task, for `sft.py --datasets
+    arithmetic`: two LlamaFactory "alpaca with history" rows per question (the meta-thinking agent's view, then the
+    reasoning agent's; the shape of ../shared/data/multiturn_sft/), with the RL system prompts. Each turn does one
+    step of `arithmetic_steps`: the MTA asks for the next operation, the RA does it; the MTA's last turn asks for the
+    final answer and ends with [FINISH], and the RA's last turn boxes it. "What is (7 + 12) * 3?" gives
+
+        MTA: Work out one operation of (7 + 12) * 3.            RA: (7 + 12) * 3 = 19 * 3.
+        MTA: Now work out 19 * 3 and give the final answer. [FINISH]
+        RA: 19 * 3 = 57. The answer is \\boxed{57}.
+
+    so a conversation has as many turns as the question has operations."""
+    from utils import prompts  # (prompts imports nothing of ours)
+
+    rows = []
+    for example in arithmetic_examples(cfg, split, cfg.seed):
+        steps = arithmetic_steps(example["question"])
+        meta, reas = [], []
+        for i in range(len(steps) - 1):
+            if i < len(steps) - 2:
+                meta.append(f"Work out one operation of {steps[i]}.")
+                reas.append(f"{steps[i]} = {steps[i + 1]}.")
+            else:
+                meta.append(f"Now work out {steps[i]} and give the final answer. {prompts.FINISH_FLAG}")
+                reas.append(f"{steps[i]} = {steps[i + 1]}. The answer is \\boxed{{{steps[i + 1]}}}.")
+        first = prompts.MULTITURN_REAS_FIRST_USER.format(question=example["question"], plan=meta[0])
+        meta_users = [example["question"]] + reas[:-1]  # the MTA reads the RA's replies as user turns
+        reas_users = [first] + meta[1:]  # the RA reads the MTA's later turns as user turns
+        for system, users, replies in ((prompts.MULTITURN_META_SYSTEM, meta_users, meta),
+                                       (prompts.MULTITURN_REAS_SYSTEM, reas_users, reas)):
+            rows.append({"system": system, "history": [list(pair) for pair in zip(users[:-1], replies[:-1])],
+                         "instruction": users[-1], "input": None, "output": replies[-1],
+                         "question": users[-1], "answer": replies[-1]})
     return rows
 
 
@@ -358,14 +487,14 @@ def load_examples(
     answer_field: str = "answer",
     split: str = "train",
     limit: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     arithmetic: ArithmeticConfig | None = None,
 ) -> list[dict]:
     """Rows as dicts with at least "question" (str) and "answer" (str); every other field of the row kept as is
     (e.g. "dataset", "level"). `source` is one of:
       - "arithmetic": the built-in procedural task (see `ArithmeticConfig`); `split` "train" or "test"
-        selects one of two DISJOINT sets; `seed` fixes which expressions go where; `arithmetic` is the
-        config (default `ArithmeticConfig()`). The field names are ignored.
+        selects one of two DISJOINT sets; `seed` fixes which expressions go where (None: the config's
+        `seed`); `arithmetic` is the config (default `ArithmeticConfig()`). The field names are ignored.
       - a local file: .jsonl, .json (a list of objects, or {"data": [...]}) or .parquet. `split` is ignored.
       - a Hugging Face hub dataset id, optionally "id:config" (loaded with datasets.load_dataset(id, config, split=split)).
     "arithmetic" wins over a local file of that name; an existing file wins over a hub id.
@@ -380,7 +509,8 @@ def load_examples(
 
     path = Path(source).expanduser()
     if source == "arithmetic":
-        rows = arithmetic_examples(arithmetic or ArithmeticConfig(), split, seed)
+        arithmetic = arithmetic or ArithmeticConfig()
+        rows = arithmetic_examples(arithmetic, split, arithmetic.seed if seed is None else seed)
         label = f"arithmetic (split {split})"
     elif path.exists():
         rows = _load_file(path, question_field, answer_field)

@@ -36,11 +36,24 @@ sizes the test split has about 970 / 23 = 42 items per subset and the train spli
 A split that cannot be filled (too few items, or in strict mode no combination of whole units that fits) raises
 :class:`~utils.data.DataError` with the sizes available. Lower ``train_size`` / ``test_size`` then.
 
+One split definition. A split is fixed by a :class:`SplitSpec` (source, mode, train_size, test_size, split_seed)
+and drawn by :func:`rewardbench_split`, whichever path asks for it: the command line below, and a training run that
+splits RewardBench itself (:func:`load_judge_examples`). The split seed defaults to :data:`SPLIT_SEED` everywhere and
+is not the training seed, so a run and a ``test.jsonl`` written with the same mode and sizes hold the same split. Two
+checks refuse the rest (:func:`load_judge_train_eval` runs both for the training scripts):
+
+* :func:`check_same_split`: a split file's manifest names another split than the run uses (:func:`read_split_spec`);
+* :func:`check_disjoint`: the training and held-out items share an instruction (strict) or an item (loose), whatever
+  the files' origin. This is the check that counts; the first one only explains the cause earlier.
+
 Command line (writes ``train.jsonl`` and ``test.jsonl``, one item per line, and ``manifest.json`` with the
-arguments and the items per subset of each split)::
+arguments, the split spec under ``"split"`` and the items per subset of each split)::
 
     python -m utils.judge_data --source allenai/reward-bench --mode strict --out data/judge_strict
     python eval.py --task judge --datasets data/judge_strict/test.jsonl --dataset_field subset   # per-subset accuracy
+
+A built-in pair-ranking task needs no hub: :func:`arithmetic_pairs` (source ``"arithmetic"``) pairs a right and a
+wrong solution of every question of the arithmetic task (:mod:`utils.data`), in both orders.
 """
 
 from __future__ import annotations
@@ -49,13 +62,19 @@ import json
 import random
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-from utils.data import DataError
+from utils.data import ArithmeticConfig, DataError, arithmetic_examples, arithmetic_steps
 
-__all__ = ["build_splits", "load_rewardbench", "pair_items", "write_jsonl"]
+__all__ = ["SPLIT_SEED", "SplitSpec", "arithmetic_pairs", "build_splits", "check_disjoint", "check_same_split",
+           "load_judge_examples", "load_judge_train_eval", "load_rewardbench", "pair_items", "read_split_spec",
+           "rewardbench_split", "write_jsonl"]
+
+SPLIT_SEED = 0
+"""The default seed of the split draw, the same everywhere: the command line's ``--split_seed`` and the training
+scripts' ``--judge.split_seed``. It is not the training seed: runs with other training seeds share one split."""
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected", "subset", "id")
 FILE_EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -246,6 +265,96 @@ def build_splits(rows: list[dict], mode: Literal["strict", "loose"], train_size:
     return [items[i] for i in train], [items[i] for i in test]
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """Everything that fixes a RewardBench split: the same rows and spec give the same items
+    (:func:`rewardbench_split`). The command line writes it into manifest.json (:func:`read_split_spec`)."""
+
+    source: str
+    """hub dataset id, or a local file (stored as its absolute path, so that specs made anywhere compare equal)"""
+    mode: str
+    """"strict" or "loose" (:func:`build_splits`)"""
+    train_size: int
+    test_size: int
+    split_seed: int
+
+    def __post_init__(self):
+        path = Path(self.source).expanduser()
+        if path.exists():
+            object.__setattr__(self, "source", str(path.resolve()))
+
+    def describe(self) -> str:
+        return (f"{self.mode} split of {self.source} ({self.train_size} train / {self.test_size} test items, "
+                f"split seed {self.split_seed})")
+
+
+def rewardbench_split(spec: SplitSpec) -> tuple[list[dict], list[dict]]:
+    """(train, test) items of the split ``spec`` names: the one definition the command line and the training
+    scripts share."""
+    return build_splits(load_rewardbench(spec.source), spec.mode, spec.train_size, spec.test_size, spec.split_seed)
+
+
+def read_split_spec(items_file: str) -> SplitSpec | None:
+    """The split a ``train.jsonl`` / ``test.jsonl`` written by the command line belongs to, from the manifest.json
+    beside it; None for any other source (JudgeBench, a hub id, "arithmetic"). A manifest of an older version (its
+    seed under "seed") is read too; a damaged one raises DataError."""
+    path = Path(items_file).expanduser()
+    manifest = path.parent / "manifest.json"
+    if path.name not in ("train.jsonl", "test.jsonl") or not path.is_file() or not manifest.is_file():
+        return None
+    fix = f"Rewrite the split with `python -m utils.judge_data --out {path.parent}`."
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{manifest}: not valid JSON ({e}). {fix}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{manifest}: expected a JSON object, found {type(data).__name__}. {fix}")
+    split = data.get("split") or {"source": data.get("source"), "mode": data.get("mode"), "train_size": data.get("train_size"),
+                                  "test_size": data.get("test_size"), "split_seed": data.get("seed")}
+    if not isinstance(split, dict):
+        raise DataError(f"{manifest}: \"split\" must be an object, found {type(split).__name__}. {fix}")
+    kinds = {"source": str, "mode": str, "train_size": int, "test_size": int, "split_seed": int}
+    bad = [name for name, kind in kinds.items() if not isinstance(split.get(name), kind) or isinstance(split.get(name), bool)]
+    if bad or split["mode"] not in ("strict", "loose"):
+        raise DataError(f"{manifest}: the split is missing or malformed (fields {', '.join(bad) or 'mode'}). {fix}")
+    return SplitSpec(**{name: split[name] for name in kinds})
+
+
+def check_same_split(spec_a: SplitSpec, spec_b: SplitSpec | None, what: str) -> None:
+    """Raise DataError naming both specs when ``spec_b`` (the split that ``what``, a split file, belongs to) is not
+    ``spec_a`` (the split the run uses). None (a file the command line did not write): nothing to compare."""
+    if spec_b is None or spec_b == spec_a:
+        return
+    differ = [f"{f.name} {getattr(spec_a, f.name)!r} vs {getattr(spec_b, f.name)!r}"
+              for f in fields(SplitSpec) if getattr(spec_a, f.name) != getattr(spec_b, f.name)]
+    raise DataError(
+        f"{what} belongs to the {spec_b.describe()}, but this run uses the {spec_a.describe()} ({'; '.join(differ)}). "
+        "Two different draws share most of their items, so the held-out items would be trained on. Use one split: "
+        f"train with the file's settings (--judge.split_seed {spec_b.split_seed}, mode {spec_b.mode}, sizes "
+        f"{spec_b.train_size} / {spec_b.test_size}) or on the train.jsonl written beside it, or rewrite the files with "
+        f"`python -m utils.judge_data --source {spec_a.source} --mode {spec_a.mode} --train_size {spec_a.train_size} "
+        f"--test_size {spec_a.test_size} --split_seed {spec_a.split_seed}`.")
+
+
+def check_disjoint(train_items: list[dict], test_items: list[dict], mode: str, train_name: str, test_name: str) -> None:
+    """Raise DataError when the test items share with the training items an instruction ("question"; mode "strict")
+    or an identical (question, response_A, response_B) item (mode "loose"). The message gives the count, an example
+    and the fix."""
+    if mode not in ("strict", "loose"):
+        raise ValueError(f"mode must be 'strict' or 'loose', got {mode!r}")
+    seen = {_unit_key(item, mode) for item in train_items}
+    leaked = [item for item in test_items if _unit_key(item, mode) in seen]
+    if not leaked:
+        return
+    shared = dict.fromkeys(_unit_key(item, mode) for item in leaked)
+    what = "instruction" if mode == "strict" else "identical item"
+    raise DataError(
+        f"{test_name} shares {len(shared)} {what}(s) with {train_name} ({len(leaked)} of its {len(test_items)} items), "
+        f"e.g. {_short(next(iter(shared)))}; a {mode} split shares none. The two come from different splits: evaluate on "
+        "the test.jsonl written together with the training split (`python -m utils.judge_data` writes both), or give "
+        "the run the split of the test file (the same mode, sizes and --judge.split_seed).")
+
+
 PAIR_FIELDS = ("question", "response_A", "response_B", "label")
 LABELS = ("A>B", "B>A")
 
@@ -271,7 +380,9 @@ def _check_item(item, where: str) -> dict:
 
 def is_rewardbench(source: str) -> bool:
     """True for RewardBench itself (a hub id, or a file whose first row has RewardBench's "chosen" column), False for
-    a file of pair-ranking items."""
+    a file of pair-ranking items or the built-in "arithmetic" task."""
+    if source == "arithmetic":
+        return False
     path = Path(source).expanduser()
     if not path.exists():
         return True
@@ -279,18 +390,54 @@ def is_rewardbench(source: str) -> bool:
     return first is not None and isinstance(first[1], dict) and "chosen" in first[1]
 
 
+def arithmetic_pairs(cfg: ArithmeticConfig, split: str, *, max_error: int = 10, worked: bool = True) -> list[dict]:
+    """Pair-ranking items of the built-in arithmetic task, in the shape :func:`load_judge_examples` returns.
+
+    For every question of ``arithmetic_examples(cfg, split, cfg.seed)``: a right response and a wrong one whose
+    result is off by a nonzero amount in [-max_error, max_error] (drawn by a generator seeded with the question, so
+    fixed per question), each pair in both orders (:func:`pair_items`; subset "arithmetic", id
+    "arithmetic-<split>-<n>"). ``worked=True``: each response is a worked solution, one operation per step
+    (:func:`~utils.data.arithmetic_steps`), "12 + 30 = 42. The answer is 42."; the wrong one slips in its last step.
+    ``worked=False``: just the number. Difficulty knobs: those of ``cfg`` (the questions), ``max_error`` (how close
+    the wrong result is) and ``worked`` (False: the judge must work the answer out; True: it can check the steps).
+    The train and test questions are disjoint, so a strict split holds."""
+    if not isinstance(max_error, int) or isinstance(max_error, bool) or max_error < 1:
+        raise DataError(f"arithmetic pairs: max_error must be an integer >= 1 (the wrong result differs), got {max_error!r}.")
+    rows = []
+    for n, example in enumerate(arithmetic_examples(cfg, split, cfg.seed)):
+        steps = arithmetic_steps(example["question"])
+        rng = random.Random(example["question"])
+        slip = rng.randint(1, max_error) * rng.choice((-1, 1))
+        wrong = steps[:-1] + [str(int(steps[-1]) + slip)]
+        chosen, rejected = (f"{' = '.join(chain)}. The answer is {chain[-1]}." if worked else chain[-1]
+                            for chain in (steps, wrong))
+        rows.append({"prompt": example["question"], "chosen": chosen, "rejected": rejected, "subset": "arithmetic",
+                     "id": f"arithmetic-{split}-{n}"})
+    return [_check_item(item, f"arithmetic pairs ({split} item {i})") for i, item in enumerate(pair_items(rows), start=1)]
+
+
 def load_judge_examples(source: str, split: str, *, limit: int | None = None, mode: Literal["strict", "loose"] = "strict",
-                        train_size: int = 5000, test_size: int = 970, seed: int = 0) -> list[dict]:
+                        train_size: int = 5000, test_size: int = 970, split_seed: int | None = None,
+                        seed: int | None = None, arithmetic: ArithmeticConfig | None = None,
+                        max_error: int = 10) -> list[dict]:
     """Pair-ranking rows for training or evaluating a judge, each with "answer" = the right verdict ("A" / "B").
 
     source: a file of items (a split written by this module's command line, or JudgeBench), read whole (`split` is
-    ignored); or RewardBench itself (a hub id, or a file with RewardBench's columns), split here by
-    :func:`build_splits` with `mode`, the sizes and `seed`, of which `split` ("train" or "test") is returned.
-    Problems raise DataError naming the file, the line and the field."""
-    if is_rewardbench(source):
+    ignored); RewardBench itself (a hub id, or a file with RewardBench's columns), split here by
+    :func:`rewardbench_split` with `mode`, the sizes and `split_seed` (None: :data:`SPLIT_SEED`), of which `split`
+    ("train" or "test") is returned; or "arithmetic": :func:`arithmetic_pairs` of the config `arithmetic` (default
+    ``ArithmeticConfig()``; its own sizes and seed apply) with `max_error`. `seed` is the former name of `split_seed`, kept for old
+    callers. Problems raise DataError naming the file, the line and the field."""
+    if seed is not None and split_seed is not None and seed != split_seed:
+        raise ValueError(f"seed ({seed}) is the former name of split_seed ({split_seed}): pass split_seed only")
+    if split_seed is None:
+        split_seed = SPLIT_SEED if seed is None else seed
+    if source == "arithmetic":
+        items = arithmetic_pairs(arithmetic or ArithmeticConfig(), split, max_error=max_error)
+    elif is_rewardbench(source):
         if split not in ("train", "test"):
             raise DataError(f"{source}: RewardBench is split here into 'train' and 'test'; got split {split!r}.")
-        train, test = build_splits(load_rewardbench(source), mode, train_size, test_size, seed)
+        train, test = rewardbench_split(SplitSpec(source, mode, train_size, test_size, split_seed))
         items = [_check_item(item, f"{source} ({mode} split, {split} item {i})")
                  for i, item in enumerate(train if split == "train" else test, start=1)]
     else:
@@ -298,6 +445,42 @@ def load_judge_examples(source: str, split: str, *, limit: int | None = None, mo
     if not items:
         raise DataError(f"{source}: no rows found. Pass a source with data.")
     return items[:limit] if limit else items
+
+
+def load_judge_train_eval(train_source: str, eval_source: str | None = None, *, mode: Literal["strict", "loose"] = "strict",
+                          train_size: int = 5000, test_size: int = 970, split_seed: int = SPLIT_SEED,
+                          eval_limit: int | None = None, arithmetic: ArithmeticConfig | None = None,
+                          max_error: int = 10) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) items of a judge run, the split checked in one call (for the training scripts).
+
+    The sources are those of :func:`load_judge_examples`; ``eval_source`` None means the test split of
+    ``train_source`` (RewardBench or "arithmetic"; a file of items needs an ``eval_source``). The split of each side
+    is the run's (mode, sizes, split_seed) when it is RewardBench split here, or read from a split file's manifest;
+    the two must agree (:func:`check_same_split`), and the items must be disjoint in the split's mode
+    (:func:`check_disjoint`; also for a held-out file of another origin, such as JudgeBench)."""
+    if eval_source is None:
+        if train_source != "arithmetic" and not is_rewardbench(train_source):
+            raise DataError(f"{train_source} is a file of items: pass a held-out source with it (the test.jsonl written "
+                            "beside it, or ../shared/data/judgebench_gpt4o.jsonl).")
+        eval_source = train_source
+    options = dict(mode=mode, train_size=train_size, test_size=test_size, split_seed=split_seed, arithmetic=arithmetic,
+                   max_error=max_error)
+    train = load_judge_examples(train_source, "train", **options)
+    held_out = load_judge_examples(eval_source, "test", limit=eval_limit, **options)
+
+    def spec_of(source: str) -> SplitSpec | None:
+        if source == "arithmetic":
+            return None
+        if is_rewardbench(source):
+            return SplitSpec(source, mode, train_size, test_size, split_seed)
+        return read_split_spec(source)
+
+    train_spec, eval_spec = spec_of(train_source), spec_of(eval_source)
+    if train_spec is not None:
+        check_same_split(train_spec, eval_spec, f"the held-out set {eval_source}")
+    split_mode = train_spec.mode if train_spec else eval_spec.mode if eval_spec else mode
+    check_disjoint(train, held_out, split_mode, f"the training set {train_source}", f"the held-out set {eval_source}")
+    return train, held_out
 
 
 def write_jsonl(path: str | Path, items: list[dict]) -> None:
@@ -324,19 +507,22 @@ class Args:
     """items in the train split (paper: 5000)"""
     test_size: int = 970
     """items in the test split (paper: 970, "RewardBench970")"""
-    seed: int = 0
-    """seed of the draw: the same source and seed give the same files"""
+    split_seed: int = SPLIT_SEED
+    """seed of the draw (not a training seed): the same source, mode, sizes and split seed give the same files.
+    The training scripts' --judge.split_seed has the same default, so a run that splits RewardBench itself holds
+    the same split"""
 
 
 def main(args: Args) -> None:
-    rows = load_rewardbench(args.source)
-    train, test = build_splits(rows, args.mode, args.train_size, args.test_size, args.seed)
+    spec = SplitSpec(args.source, args.mode, args.train_size, args.test_size, args.split_seed)
+    train, test = rewardbench_split(spec)
     out = Path(args.out or f"data/judge_{args.mode}")
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "test.jsonl", test)
     counts = {name: dict(sorted(Counter(item["subset"] for item in split).items()))
               for name, split in (("train", train), ("test", test))}
-    (out / "manifest.json").write_text(json.dumps(asdict(args) | {"subset_counts": counts}, indent=2) + "\n")
+    manifest = asdict(args) | {"split": asdict(spec), "subset_counts": counts}  # "split": what read_split_spec reads
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for name, split in (("train", train), ("test", test)):
         print(f"{out / name}.jsonl: {len(split)} items, per subset {counts[name]}")
 
