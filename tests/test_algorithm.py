@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rema_single as rs
+from utils.config import ModelArgs
 from utils.batch import collate, select
 from utils.distributed import shard
 from utils.generation import Completion
@@ -46,17 +47,18 @@ def test_meta_reward_consistency():
 # ---- advantages ----
 def test_grpo_advantages():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
-    adv = rs.group_advantages(rewards, 4, "grpo", scale_rewards=True)
+    ones = torch.ones(8, 1)  # one token per sequence: the advantage per sequence
+    adv = rs.grpo_advantages(rewards, ones, None, None, 4, rs.Args(scale_rewards=True), OneProcess())[:, 0]
     # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
     expected = [0.75 / (0.5 + 1e-4)] + [-0.25 / (0.5 + 1e-4)] * 3 + [0.0] * 4  # group 2: all equal -> 0
     assert adv.tolist() == pytest.approx(expected)
-    unscaled = rs.group_advantages(rewards, 4, "grpo", scale_rewards=False)
+    unscaled = rs.grpo_advantages(rewards, ones, None, None, 4, rs.Args(scale_rewards=False), OneProcess())[:, 0]
     assert unscaled.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
 
 
 def test_rloo_advantages():
     rewards = torch.tensor([1.0, 0.0, 0.0, -1.0])
-    adv = rs.group_advantages(rewards, 4, "rloo", scale_rewards=True)
+    adv = rs.rloo_advantages(rewards, torch.ones(4, 1), None, None, 4, rs.Args(), OneProcess())[:, 0]
     # A_i = R_i - mean of the other three: 1 - (-1/3), 0 - 0, 0 - 0, -1 - 1/3
     assert adv.tolist() == pytest.approx([4 / 3, 0.0, 0.0, -4 / 3])
 
@@ -64,7 +66,7 @@ def test_rloo_advantages():
 def test_reinforce_pp_without_kl_whitens_outcome_returns():
     rewards = torch.tensor([1.0, -1.0])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    adv = rs.reinforce_pp_advantages(rewards, mask, None, None, 0.0, OneProcess())
+    adv = rs.reinforce_pp_advantages(rewards, mask, None, None, 1, rs.Args(beta=0.0), OneProcess())
     # returns (gamma = 1): [1, 1, -] and [-1, -1, -1]; over the 5 tokens mean -0.2, std sqrt(1 - 0.04)
     std = math.sqrt(0.96)
     expected = [[1.2 / std, 1.2 / std, 0.0], [-0.8 / std] * 3]
@@ -76,7 +78,7 @@ def test_reinforce_pp_kl_in_reward():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     old = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
     ref = torch.tensor([[-1.5, -2.0, 0.0], [-1.0, -1.0, -1.0]])
-    adv = rs.reinforce_pp_advantages(rewards, mask, old, ref, 0.1, OneProcess())
+    adv = rs.reinforce_pp_advantages(rewards, mask, old, ref, 1, rs.Args(beta=0.1), OneProcess())
     # k1 KL of seq 1 = [0.5, 0, -]: token rewards [-0.05, 1] -> returns [0.95, 1.0]; seq 2 returns [-1, -1, -1]
     values = [0.95, 1.0, -1.0, -1.0, -1.0]
     mean = sum(values) / 5  # -0.21
@@ -229,9 +231,9 @@ def test_validate_rejects_bad_combinations():
     with pytest.raises(SystemExit, match="num_generations >= 2"):
         rs.validate(rs.Args(advantage_estimator="grpo", num_generations=1), FakeAccelerator())
     with pytest.raises(SystemExit, match="--param_mode lora"):
-        rs.validate(rs.Args(param_mode="full"), FakeAccelerator(2, DistributedType.DEEPSPEED))
+        rs.validate(rs.Args(lm=ModelArgs(param_mode="full")), FakeAccelerator(2, DistributedType.DEEPSPEED))
     with pytest.raises(SystemExit, match="--micro_batch_size 16"):  # 8 prompts x 4 samples / 2 processes
-        rs.validate(rs.Args(param_mode="lora", micro_batch_size=8), FakeAccelerator(2, DistributedType.DEEPSPEED))
+        rs.validate(rs.Args(lm=ModelArgs(param_mode="lora"), micro_batch_size=8), FakeAccelerator(2, DistributedType.DEEPSPEED))
     rs.validate(rs.Args(), FakeAccelerator())  # the defaults are valid
 
 
@@ -251,7 +253,7 @@ def test_reference_model_only_when_beta_positive(tiny_model, param_mode):
 
     names = ["meta_thinking", "reasoning"]
     for beta in (0.0, 0.1):
-        args = rs.Args(param_mode=param_mode, beta=beta, gradient_checkpointing=False)
+        args = rs.Args(lm=ModelArgs(param_mode=param_mode, gradient_checkpointing=False), beta=beta)
         agents = build_agents(args, Accelerator(cpu=True), str(tiny_model), {n: 8 for n in names}, reference=beta > 0)
         assert set(agents) == set(names)
         has_copy = [a.ref_model is not None for a in agents.values()]

@@ -15,9 +15,9 @@ from utils.checkpoint import find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rollout_batch_size", "4", "--num_generations", "4", "--reas_samples_per_plan", "2",
-        "--filter_pool_size", "8", "--filter_num_samples", "2", "--filter_eps_min", "0", "--filter_eps_max", "1",
-        "--plans_per_question", "1", "--meta_max_completion_length", "12", "--reas_max_completion_length", "12",
-        "--eval_limit", "6", "--num_update_iterations", "1", "--save_every", "0", "--grading_workers", "1",
+        "--prompt_filter.pool_size", "8", "--prompt_filter.num_samples", "2", "--prompt_filter.eps_min", "0", "--prompt_filter.eps_max", "1",
+        "--prompt_filter.plans_per_question", "1", "--meta_max_completion_length", "12", "--reas_max_completion_length", "12",
+        "--eval_limit", "6", "--num_update_iterations", "1", "--save_every", "0", "--grading.workers", "1",
         "--learning_rate", "1e-3"]
 
 
@@ -113,7 +113,7 @@ def test_rema_switch_schedule_consistency_reward(tmp_path, tiny_model):
 def test_accelerate_launch_two_cpu_processes(tmp_path, tiny_model):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "cpu_2proc.yaml")]
     # 7 candidates and 5 eval questions over 2 processes: uneven shares are padded, and the padding dropped
-    run_dir = run(tmp_path, tiny_model, "--param_mode", "lora", "--filter_pool_size", "7", "--eval_limit", "5",
+    run_dir = run(tmp_path, tiny_model, "--param_mode", "lora", "--prompt_filter.pool_size", "7", "--eval_limit", "5",
                   launcher=launcher)
     assert_finite_training_metrics(metrics(run_dir), {"meta", "reas"})
     ckpt = find_checkpoint(run_dir)

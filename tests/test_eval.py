@@ -12,7 +12,7 @@ import pytest
 import eval as ev
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--max_completion_length", "12", "--meta_max_completion_length", "12", "--grading_workers", "1"]
+FAST = ["--max_completion_length", "12", "--meta_max_completion_length", "12", "--grading.workers", "1"]
 
 
 def test_pass_at_k_by_hand():

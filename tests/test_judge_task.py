@@ -6,6 +6,7 @@ import json
 import pytest
 
 import rema_single as rs
+from utils.task import JudgeTask
 from tests import test_e2e, test_multiturn_e2e
 from tests.conftest import build_tiny_model
 from utils import prompts
@@ -15,23 +16,26 @@ from utils.grading import states_verdict
 from utils.judge_data import is_rewardbench, load_judge_examples
 
 
+JUDGE = JudgeTask()
+
+
 # ---- rewards: +1 right verdict, -0.5 wrong verdict in the format, -1 no single verdict; the MTA must not judge ----
 def test_reas_reward_judge():
-    assert rs.reas_reward(1.0, "A is clearer. [[A]]", "judge") == 1.0
-    assert rs.reas_reward(0.0, "B covers more. [[B]]", "judge") == -0.5  # wrong, but a valid verdict
-    assert rs.reas_reward(0.0, "Both are fine.", "judge") == -1.0  # no verdict
-    assert rs.reas_reward(0.0, "[[A]] or maybe [[B]]", "judge") == -1.0  # two verdicts are none
-    assert rs.reas_reward(0.0, "[[a]]", "judge") == -1.0  # lower case is not the format
-    assert rs.reas_reward(0.0, "\\boxed{A}", "judge") == -1.0  # the math format is not the judge's
+    assert rs.reas_reward(1.0, "A is clearer. [[A]]", JUDGE) == 1.0
+    assert rs.reas_reward(0.0, "B covers more. [[B]]", JUDGE) == -0.5  # wrong, but a valid verdict
+    assert rs.reas_reward(0.0, "Both are fine.", JUDGE) == -1.0  # no verdict
+    assert rs.reas_reward(0.0, "[[A]] or maybe [[B]]", JUDGE) == -1.0  # two verdicts are none
+    assert rs.reas_reward(0.0, "[[a]]", JUDGE) == -1.0  # lower case is not the format
+    assert rs.reas_reward(0.0, "\\boxed{A}", JUDGE) == -1.0  # the math format is not the judge's
 
 
 def test_meta_reward_judge_leak_and_consistency():
     assert states_verdict("Check facts, then say [[B]]") and not states_verdict("Check facts, then decide.")
-    assert rs.meta_reward("Check the facts.", ["x"] * 4, [1.0, 1.0, 0.0, 0.0], "accuracy", "judge") == 0.5
-    assert rs.meta_reward("B is right: [[B]]", ["x"] * 4, [1.0, 1.0, 0.0, 0.0], "accuracy", "judge") == -0.5
-    assert rs.meta_reward("\\boxed{B}", ["x"] * 4, [1.0] * 4, "accuracy", "judge") == 1.0  # a box is no verdict
+    assert rs.meta_reward("Check the facts.", ["x"] * 4, [1.0, 1.0, 0.0, 0.0], "accuracy", JUDGE) == 0.5
+    assert rs.meta_reward("B is right: [[B]]", ["x"] * 4, [1.0, 1.0, 0.0, 0.0], "accuracy", JUDGE) == -0.5
+    assert rs.meta_reward("\\boxed{B}", ["x"] * 4, [1.0] * 4, "accuracy", JUDGE) == 1.0  # a box is no verdict
     # consistency over verdicts: [[A]] three times of 4 -> 0.75
-    assert rs.meta_reward("plan", ["[[A]]", "so [[A]]", "[[A]]!", "[[B]]"], [0.0] * 4, "consistency", "judge") == 0.75
+    assert rs.meta_reward("plan", ["[[A]]", "so [[A]]", "[[A]]!", "[[B]]"], [0.0] * 4, "consistency", JUDGE) == 0.75
 
 
 # ---- data ----
@@ -96,7 +100,7 @@ def judge_task(tmp_path_factory):
     return build_tiny_model(root / "model", sft_steps=60, example=judge_example), rb
 
 
-SIZES = ["--judge_train_size", "30", "--judge_test_size", "10", "--eval_limit", "4"]
+SIZES = ["--judge.train_size", "30", "--judge.test_size", "10", "--eval_limit", "4"]
 
 
 @pytest.mark.parametrize("mode", ["rema", "vrp"])
@@ -122,11 +126,14 @@ def test_rema_multiturn_judge(tmp_path, judge_task):
     assert test_e2e.changed_tensors(model, find_checkpoint(run_dir) / "policy") > 0
 
 
-def test_judge_needs_a_rewardbench_source(tmp_path, judge_task):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, str(test_e2e.ROOT / "rema_single.py"), "--task", "judge",
-                           "--model", str(judge_task[0]), "--output_dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "--train_dataset allenai/reward-bench" in proc.stderr
+def test_judge_trains_offline_on_the_builtin_pairs(tmp_path, judge_task):
+    """`--task judge` with the default data: the built-in arithmetic pairs, trained and evaluated offline."""
+    model, _ = judge_task
+    run_dir = test_e2e.run(tmp_path, model, "--task", "judge", "--mode", "vrp", "--eval_limit", "4", "--schedule",
+                           "switch", "--no-filter", "--total_steps", "2", "--switch_freq", "2", "--weight_decay", "0",
+                           "--arithmetic.train_size", "40", "--arithmetic.test_size", "10")
+    rows = test_e2e.metrics(run_dir)
+    test_e2e.assert_finite_training_metrics(rows, {"policy"})
+    assert test_e2e.changed_tensors(model, find_checkpoint(run_dir) / "policy") > 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["task"] == "judge" and config["data"]["train_dataset"] == "arithmetic"

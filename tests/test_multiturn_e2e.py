@@ -20,7 +20,7 @@ from utils.checkpoint import find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rollout_batch_size", "4", "--num_generations", "4", "--max_turns", "2", "--max_completion_length", "12",
-        "--eval_limit", "6", "--total_steps", "2", "--save_every", "0", "--grading_workers", "1",
+        "--eval_limit", "6", "--total_steps", "2", "--save_every", "0", "--grading.workers", "1",
         "--learning_rate", "1e-3", "--weight_decay", "0", "--micro_batch_size", "8"]
 REASONS = ("normal", "max_turns", "context_exceeded", "truncated")
 

@@ -23,7 +23,7 @@ from utils.vllm_engine import policy_weights
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (setup_vllm.sh)")]
-ENGINE = ["--backend", "vllm", "--vllm_memory_utilization", "0.02"]  # on CPU: a KV cache of 2% of RAM
+ENGINE = ["--backend", "vllm", "--vllm.memory_utilization", "0.02"]  # on CPU: a KV cache of 2% of RAM
 GAP_MAX = 0.05  # nats: bf16 engine vs float32 trainer on the same weights (measured: 0.003-0.015)
 
 
@@ -180,9 +180,9 @@ def test_eval_vllm_matches_the_hf_backend_on_rema_multiturn(tmp_path, copy_task6
     results = {}
     for backend in ("hf", "vllm"):
         cmd = [sys.executable, str(multiturn.ROOT / "eval.py"), "--model", str(model), "--method", "rema_multiturn",
-               "--datasets", str(data), "--max_turns", "2", "--max_completion_length", "12", "--grading_workers", "1",
+               "--datasets", str(data), "--max_turns", "2", "--max_completion_length", "12", "--grading.workers", "1",
                "--output_dir", str(tmp_path), "--exp_name", backend, "--backend", backend,
-               "--vllm_memory_utilization", "0.02"]
+               "--vllm.memory_utilization", "0.02"]
         proc = subprocess.run(cmd, cwd=multiturn.ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]

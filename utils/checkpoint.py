@@ -10,7 +10,10 @@ Layout of `run_dir/checkpoints/step_K/`:
 import json
 import os
 import shutil
+import time
 from pathlib import Path
+
+import torch
 
 
 def _ckpt_root(run_dir: Path) -> Path:
@@ -80,3 +83,52 @@ def load_checkpoint(accelerator, ckpt: Path) -> dict:
     accelerator.load_state(str(ckpt / "accelerate_state"))
     with open(ckpt / "trainer_state.json") as f:
         return json.load(f)
+
+
+class Checkpointer:
+    """A run's checkpoints, behind three calls: `resume` (load the latest and rewind the logs), `due` (is one owed
+    now: every `every_steps` steps, every `every_minutes` minutes, or at a phase end) and `save`.
+
+    `due` is collective: the minutes are measured on each process, so the processes agree on the answer (any
+    process that is due makes all of them save). `save` of a step whose weights are already on disk rewrites only
+    its trainer state (re-saving them would delete the checkpoint for a moment)."""
+
+    def __init__(self, accelerator, run_dir: Path, agents: dict, tokenizer, keep: int, every_steps: int,
+                 every_minutes: float):
+        self.accelerator, self.run_dir, self.tokenizer, self.keep = accelerator, run_dir, tokenizer, keep
+        self.every_steps, self.every_minutes = every_steps, every_minutes
+        first = next(iter(agents.values()))
+        # LoRA: one peft model holds every agent's adapter (saved as adapters/<agent>/); full: one model per agent
+        self.hf_models = {"adapters": first.model} if first.adapter is not None else {n: a.model for n, a in agents.items()}
+        self.saved_step: int | None = None
+        self.last_save = time.time()
+
+    def resume(self, path: str | None, logger) -> dict | None:
+        """The trainer state of the latest checkpoint of `path` (None: no --resume), with models, optimizers and every
+        process's RNG restored; steps logged after it are dropped from the logs, to be run and logged again."""
+        if path is None:
+            return None
+        ckpt = find_checkpoint(path)
+        state = load_checkpoint(self.accelerator, ckpt)
+        logger.rewind(state["step"])
+        self.saved_step = state["step"]
+        if self.accelerator.is_main_process:
+            print(f"resumed from {ckpt} at step {state['step']}")
+        return state
+
+    def due(self, step: int, phase_end: bool = False) -> bool:
+        """Collective. Is a checkpoint owed after `step`?"""
+        local = (self.every_steps > 0 and step % self.every_steps == 0) or phase_end or \
+            (self.every_minutes > 0 and time.time() - self.last_save >= 60 * self.every_minutes)
+        flag = torch.tensor(float(local), device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="max").item() > 0
+
+    def save(self, state: dict) -> None:
+        """Collective. Save the run at state["step"] (models, optimizers, RNGs, the trainer state)."""
+        if self.saved_step == state["step"]:
+            update_trainer_state(self.accelerator, self.run_dir, state["step"], state)
+        else:
+            save_checkpoint(self.accelerator, self.run_dir, state["step"], state, self.hf_models, self.tokenizer,
+                            self.keep)
+            self.saved_step = state["step"]
+        self.last_save = time.time()

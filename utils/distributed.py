@@ -42,3 +42,24 @@ def shard(items: list, rank: int, world: int) -> tuple[list, int]:
     mine = items[rank::world]
     size = math.ceil(len(items) / world)
     return mine + [mine[-1] if mine else items[0]] * (size - len(mine)), len(mine)
+
+
+def reduce_sums(accelerator: Accelerator, sums: dict[str, float]) -> dict[str, float]:
+    """Collective: every key summed over the processes (every process passes the same keys). A dict in, a dict out."""
+    keys = sorted(sums)
+    values = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(values, reduction="sum").tolist()))
+
+
+def check_deepspeed(accelerator: Accelerator, two_full_models: bool, micro_batch_size: int, mini_per_rank: int) -> None:
+    """DeepSpeed's limits, as clear errors: one Accelerator prepares one DeepSpeed model, and DeepSpeed steps its
+    optimizer inside every backward (so there is no gradient accumulation over micro-batches)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if two_full_models:
+        raise SystemExit("under DeepSpeed one Accelerator prepares one model; two full models need --param_mode lora "
+                         "(one base, two adapters) or an FSDP config (configs/fsdp.yaml)")
+    if micro_batch_size < mini_per_rank:
+        raise SystemExit(f"DeepSpeed steps its optimizer inside every backward, so gradient accumulation over "
+                         f"micro-batches does not apply: set --micro_batch_size {mini_per_rank} (the per-process "
+                         "mini-batch) or lower the mini-batch")

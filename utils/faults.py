@@ -4,9 +4,12 @@
   gradient) is skipped, counted and reported, never applied; after `max_in_a_row` such steps in a row the run stops
   with a message, its last checkpoint intact. The gradient norm is all-reduced by `clip_grad_norm_`, so every
   process takes the same decision.
-- `Preemption`: SIGTERM (a cluster reclaiming the machine) only sets a flag. The script finishes the step it is in,
-  asks `requested()` (collective: true everywhere if any process was signalled, so all stop at the same step),
-  saves a checkpoint and exits with status 0; `--resume` continues from it.
+- `Preemption`: SIGTERM (a cluster reclaiming the machine) only sets a flag. Generation (rollout, prompt filtering,
+  evaluation) looks at it between batches and stops; `check()` (collective: every process asks at the same point,
+  and all of them raise `Preempted` if any was signalled) then unwinds the step. Nothing has changed the weights
+  at that point, so the script saves a checkpoint of the last completed step and exits with status 0; `--resume`
+  redoes the interrupted work exactly (every sample is seeded by its key). The update is not interrupted: it
+  finishes (it takes seconds at the CPU defaults), then the step ends, is logged and checkpointed.
 """
 
 import math
@@ -41,6 +44,10 @@ class NonFiniteGuard:
         return False
 
 
+class Preempted(Exception):
+    """Raised on every process at once when any process received SIGTERM (`Preemption.check`)."""
+
+
 class Preemption:
     def __init__(self):
         self.signalled = False
@@ -49,7 +56,16 @@ class Preemption:
     def _handler(self, signum, frame) -> None:
         self.signalled = True
 
+    def local(self) -> bool:
+        """Was this process sent SIGTERM? (No communication: safe to ask anywhere.)"""
+        return self.signalled
+
     def requested(self, accelerator) -> bool:
         """Collective (every process must call it at the same point): was any process sent SIGTERM?"""
         flag = torch.tensor(float(self.signalled), device=accelerator.device)
         return accelerator.reduce(flag, reduction="max").item() > 0
+
+    def check(self, accelerator) -> None:
+        """Collective: raise `Preempted` on every process if any process was sent SIGTERM."""
+        if self.requested(accelerator):
+            raise Preempted

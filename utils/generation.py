@@ -106,6 +106,7 @@ def generate(
     desc: str = "generate",
     synced_gpus: bool = False,
     seeds: list[int] | None = None,
+    should_stop=None,
 ) -> list[Completion]:
     """Sample one completion per prompt with HF `generate` (temperature 0 means greedy). A completion ends at the
     first of `stop_ids` (kept) or at the token that completes one of `stop_strings` (kept).
@@ -120,7 +121,10 @@ def generate(
 
     `seeds` (one per prompt, in [0, 2**32)): sample prompt i from its own random stream seeded with seeds[i] (see
     `SeededSampler`), so its completion does not depend on the batch it shares or the process that runs it. With
-    temperature 0 the seeds are ignored (greedy); without seeds HF samples from the global torch RNG."""
+    temperature 0 the seeds are ignored (greedy); without seeds HF samples from the global torch RNG.
+
+    `should_stop` (a callable, e.g. "was SIGTERM received?") is asked before every batch; once it says yes the
+    remaining batches are skipped and their completions are missing from the result (the caller stops the run)."""
     from utils.vllm_engine import VLLMEngine  # (imports no vLLM)
 
     if seeds is not None:
@@ -129,7 +133,7 @@ def generate(
     if isinstance(model, VLLMEngine):
         return model.generate(tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               top_k=top_k, stop_ids=stop_ids, stop_strings=stop_strings, show_progress=show_progress,
-                              seeds=seeds)
+                              seeds=seeds, should_stop=should_stop)
     was_training = model.training
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -148,6 +152,8 @@ def generate(
         autocast = nullcontext()
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not show_progress or len(batches) < 2, leave=False):
+        if should_stop is not None and should_stop():
+            break
         padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, return_tensors="pt", padding_side="left")
         input_ids = padded["input_ids"].to(device)  # (b, P)
         if seeded:  # row r of this batch is prompt batch[r]
@@ -168,4 +174,4 @@ def generate(
         for row, i in enumerate(batch):
             results[i] = _cut(out[row, input_ids.shape[1] :].tolist(), stop_set, tokenizer, tuple(stop_strings))
     model.train(was_training)
-    return results
+    return [r for r in results if r is not None]

@@ -144,22 +144,30 @@ class Agent:
     max_completion_length: int
     adapter: str | None = None  # LoRA: the adapter of this agent on the shared base
     ref_model: torch.nn.Module | None = None  # full mode with beta > 0: a frozen copy of the initial model
+    unwrapped: torch.nn.Module | None = None  # the model without its DDP / FSDP wrapper
+
+    def activate(self) -> torch.nn.Module:
+        """The unwrapped model, with this agent's LoRA adapter switched on (which also makes only it trainable)."""
+        if self.adapter is not None:
+            self.unwrapped.set_adapter(self.adapter)
+        return self.unwrapped
 
 
 def build_agents(args, accelerator, path: str, lengths: dict[str, int], reference: bool = False) -> dict[str, Agent]:
     """One Agent per name, with its own trainable parameters and optimizer (separate parameters, paper Sec. 3.2.1):
-    full copies of the model, or LoRA adapters on one frozen base (`args.param_mode`), prepared by accelerate.
+    full copies of the model, or LoRA adapters on one frozen base (`args.lm.param_mode`), prepared by accelerate.
     lengths: agent name -> max new tokens of one of its completions. reference: also keep the initial policy
     (a frozen copy in full mode; the base with the adapters off in LoRA mode) for a KL penalty."""
     names = list(lengths)
-    adam = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay)
-    set_seed(args.seed)  # identical initial weights (LoRA init) on every process
-    if args.param_mode == "lora":
+    o, lora, checkpointing = args.optim, args.lora, args.lm.gradient_checkpointing
+    adam = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
+    set_seed(args.run.seed)  # identical initial weights (LoRA init) on every process
+    if args.lm.param_mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                            target_modules=args.lora_target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(load_model(path, gradient_checkpointing=args.gradient_checkpointing), config, adapter_name=names[0])
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(load_model(path, gradient_checkpointing=checkpointing), config, adapter_name=names[0])
         for name in names[1:]:
             model.add_adapter(name, config)
         params = {n: [p for k, p in model.named_parameters() if f".{n}." in k] for n in names}
@@ -169,14 +177,16 @@ def build_agents(args, accelerator, path: str, lengths: dict[str, int], referenc
         optimizers = [torch.optim.AdamW(params[n], **adam) for n in names]
         model, *optimizers = accelerator.prepare(model, *optimizers)
         # the reference policy is the base model with the adapters switched off: no extra copy
-        return {n: Agent(n, model, opt, params[n], lengths[n], adapter=n) for n, opt in zip(names, optimizers)}
+        return {n: Agent(n, model, opt, params[n], lengths[n], adapter=n, unwrapped=accelerator.unwrap_model(model))
+                for n, opt in zip(names, optimizers)}
     agents = {}
     for n in names:
-        model = load_model(path, gradient_checkpointing=args.gradient_checkpointing)
+        model = load_model(path, gradient_checkpointing=checkpointing)
         optimizer = torch.optim.AdamW(model.parameters(), **adam)
         model, optimizer = accelerator.prepare(model, optimizer)
         ref = None
         if reference:
             ref = load_model(path).to(accelerator.device).eval().requires_grad_(False)
-        agents[n] = Agent(n, model, optimizer, list(model.parameters()), lengths[n], ref_model=ref)
+        agents[n] = Agent(n, model, optimizer, list(model.parameters()), lengths[n], ref_model=ref,
+                          unwrapped=accelerator.unwrap_model(model))
     return agents

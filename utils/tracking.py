@@ -10,6 +10,8 @@ import math
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 
 class RunLogger:
     def __init__(self, run_dir: Path, config: dict, *, enabled: bool, track: bool = False,
@@ -76,6 +78,12 @@ class RunLogger:
         text = "\n\n---\n\n".join("\n\n".join(f"**{k}**: {v}" for k, v in row.items()) for row in rows)
         self.writer.add_text("transcripts", text, step)
 
+    def first_and_last(self, key: str) -> tuple[float, float] | None:
+        """The first and the last value of `key` in metrics.jsonl (over resumes too), or None if never logged."""
+        self.metrics_file.flush()
+        values = [row[key] for row in map(json.loads, Path(self.metrics_file.name).read_text().splitlines()) if key in row]
+        return (values[0], values[-1]) if values else None
+
     def close(self) -> None:
         if not self.enabled:
             return
@@ -84,3 +92,48 @@ class RunLogger:
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class RunProgress:
+    """What a person watching the run sees: a short header (what runs, where the logs go, how to watch them), one
+    progress bar over the whole run with a total and an ETA, a line per phase, and a summary line at the end."""
+
+    def __init__(self, run_dir: Path, initial_step: int, enabled: bool, header: dict[str, str]):
+        self.run_dir, self.enabled, self.start, self.done = run_dir, enabled, time.time(), initial_step
+        if enabled:
+            for key, value in header.items():
+                print(f"{key}: {value}")
+            print(f"logs: {run_dir}/metrics.jsonl (one row per step), config.json, transcripts.jsonl; watch with "
+                  f"`tensorboard --logdir {run_dir}/tensorboard`; plot with `python -m utils.plot {run_dir} --out curve.png`")
+        self.bar = tqdm(desc="train", unit="step", initial=initial_step, disable=not enabled, dynamic_ncols=True)
+
+    def expect(self, total_steps: int | None) -> None:
+        """The run's length in steps (None: not known yet; a phased run learns it phase by phase)."""
+        self.bar.total = total_steps
+        self.bar.refresh()
+
+    def phase(self, phase: int, num_phases: int, agent: str, stats: dict, steps: int) -> None:
+        """A phase begins with `steps` steps; the phases after it are assumed to take as many (the ETA's estimate)."""
+        self.expect(self.done + steps * (num_phases - phase))
+        if self.enabled:
+            self.bar.write(f"phase {phase + 1}/{num_phases} ({agent}): {steps} steps; " +
+                           ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in stats.items()))
+
+    def step(self, step: int, shown: dict[str, float]) -> None:
+        self.bar.update(step - self.done)
+        self.done = step
+        self.bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def finish(self, logger: RunLogger, checkpoint) -> None:
+        """The summary line: held-out accuracy before and after, run time, where the checkpoint is."""
+        self.bar.close()
+        if not self.enabled:
+            return
+        accuracy = logger.first_and_last("eval/accuracy")
+        change = f"eval/accuracy {accuracy[0]:.3f} -> {accuracy[1]:.3f}" if accuracy else "no evaluation"
+        print(f"done: {change} (step 0 -> {self.done}) in {self.elapsed() / 60:.1f} min; checkpoint "
+              f"{checkpoint.run_dir}/checkpoints/step_{checkpoint.saved_step:06d} (--resume {self.run_dir}; eval.py --model "
+              f"<checkpoint>/<agent>)")

@@ -137,11 +137,14 @@ class VLLMEngine:
     # ---- generation ----
     def generate(self, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
                  top_p: float = 1.0, top_k: int = 0, stop_ids: list[int], stop_strings: tuple[str, ...] = (),
-                 show_progress: bool = False, seeds: list[int] | None = None, **_unused) -> list[Completion]:
+                 show_progress: bool = False, seeds: list[int] | None = None, should_stop=None,
+                 chunk_size: int = 256, **_unused) -> list[Completion]:
         """Sample one completion per prompt; the same sampling settings and the same cut as the HF path (the ids
         end at the first stop id or at the token that completes a stop string, kept). Completion.logprobs holds
         vLLM's log-prob of each kept token (after temperature). `seeds` (one per prompt): each request samples from
-        its own generator seeded with seeds[i] (vLLM's per-request seed), not from the engine's shared stream."""
+        its own generator seeded with seeds[i] (vLLM's per-request seed), not from the engine's shared stream.
+        The prompts go to vLLM `chunk_size` at a time, and `should_stop()` (e.g. "was SIGTERM received?") is asked
+        before each chunk: once it says yes the rest is skipped and missing from the result."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -157,7 +160,14 @@ class VLLMEngine:
         else:  # one SamplingParams per prompt, differing only in the seed
             assert len(seeds) == len(prompts), f"{len(seeds)} seeds for {len(prompts)} prompts"
             params = [SamplingParams(**settings, seed=seed) for seed in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=show_progress)
+        if not isinstance(params, list):
+            params = [params] * len(prompts)
+        outputs = []
+        for start in range(0, len(prompts), chunk_size):
+            if should_stop is not None and should_stop():
+                break
+            chunk = [TokensPrompt(prompt_token_ids=p) for p in prompts[start : start + chunk_size]]
+            outputs += self.llm.generate(chunk, params[start : start + chunk_size], use_tqdm=show_progress)
         completions = []
         for out in outputs:
             sample = out.outputs[0]
