@@ -15,10 +15,11 @@ MATH = {"data.train_dataset": "../shared/data/math_train_lv3to5.jsonl",  # MATH 
 JUDGE = {"data.task": "judge", "data.train_dataset": "allenai/reward-bench",  # split here: 5000 / 970
          "data.eval_dataset": "allenai/reward-bench", "data.eval_limit": None}  # RewardBench970
 SINGLE_TURN_PAPER = {
-    "advantage_estimator": "reinforce_pp", "beta": 0.01, "learning_rate": 5e-7, "rollout_batch_size": 1000,
+    "advantage_estimator": "reinforce_pp", "beta": 0.01, "optim.learning_rate": 5e-7, "rollout_batch_size": 1000,
     "num_generations": 4, "reas_samples_per_plan": None, "mini_batch_size": 400, "micro_batch_size": 4,
     "meta_max_completion_length": 2048, "reas_max_completion_length": 2048, "generation.backend": "vllm",
-    "prompt_filter.num_samples": 10, "prompt_filter.pool_size": None, "run.eval_every": 20, "run.save_every": 20,
+    "prompt_filter.num_samples": 10, "prompt_filter.pool_size": None, "prompt_filter.plans_per_question": 4,
+    "run.eval_every": 20, "run.save_every": 20,
 }
 # model -> (hub id, ReMA's #UpdateIteration on MATH, #TrainingEpisode of ReMA / VRP / MRP on MATH)
 MATH_MODELS = {"llama3-8b": ("meta-llama/Meta-Llama-3-8B-Instruct", 3, (4, 12, 10)),
@@ -30,19 +31,19 @@ JUDGE_MODELS = {"llama3.1-8b": ("meta-llama/Llama-3.1-8B-Instruct", (0.2, 0.8), 
 
 
 def single_turn() -> dict[str, tuple[str, dict]]:
-    presets = {"cpu": ("CPU-sized: SmolLM2-135M on a + b, one round of Algorithm 1 (about 20 minutes on 2 cores)", {})}
+    presets = {"cpu": ("CPU-sized: SmolLM2-135M on a + b, one round of Algorithm 1", {})}
     for name, (model, rounds, episodes) in MATH_MODELS.items():
         for mode, epochs in zip(("rema", "vrp", "mrp"), episodes):
-            lr = {"learning_rate": 2e-7} if (name, mode) == ("llama3-8b", "vrp") else {}
+            lr = {"optim.learning_rate": 2e-7} if (name, mode) == ("llama3-8b", "vrp") else {}
             presets[f"paper-{name}" + ("" if mode == "rema" else f"-{mode}")] = (
                 f"Table 1a {'ReMA' if mode == 'rema' else mode.upper() + '_RL'}, {model}",
-                SINGLE_TURN_PAPER | MATH | lr | {"model": model, "mode": mode, "num_train_epochs": epochs,
+                SINGLE_TURN_PAPER | MATH | lr | {"lm.model": model, "mode": mode, "num_train_epochs": epochs,
                                                   "num_update_iterations": rounds if mode == "rema" else 1})
     for name, (model, (lo, hi), (rema_epochs, baseline_epochs)) in JUDGE_MODELS.items():
         for mode in ("rema", "vrp", "mrp"):
             presets[f"paper-judge-{name}" + ("" if mode == "rema" else f"-{mode}")] = (
                 f"Table 1b {'ReMA' if mode == 'rema' else mode.upper() + '_RL'}, {model} (--judge.split loose: Table 2)",
-                SINGLE_TURN_PAPER | JUDGE | {"model": model, "mode": mode, "num_update_iterations": 1,
+                SINGLE_TURN_PAPER | JUDGE | {"lm.model": model, "mode": mode, "num_update_iterations": 1,
                                              "num_train_epochs": rema_epochs if mode == "rema" else baseline_epochs,
                                              "prompt_filter.eps_min": lo, "prompt_filter.eps_max": hi})
     return presets
@@ -52,10 +53,10 @@ def multi_turn() -> dict[str, tuple[str, dict]]:
     return {
         "cpu": ("CPU-sized: SmolLM2-135M on a + b, 2 turns of 64 tokens, no reward mask", {}),
         "paper-qwen2.5-7b": ("Sec. 4.3 multi-turn ReMA: Qwen2.5-7B after sft.py (runs/sft_qwen7b/model), MATH levels 3-5",
-                             MATH | {"model": "runs/sft_qwen7b/model", "rollout_batch_size": 128, "num_generations": 16,
+                             MATH | {"lm.model": "runs/sft_qwen7b/model", "rollout_batch_size": 128, "num_generations": 16,
                                      "max_turns": 30, "max_completion_length": 512, "max_context_length": 4096,
                                      "mask_unfinished_reward": True, "stop_when_truncated": True, "temperature": 1.0,
-                                     "learning_rate": 1e-6, "weight_decay": 0.01, "num_mini_batches": 4,
+                                     "optim.learning_rate": 1e-6, "optim.weight_decay": 0.01, "num_mini_batches": 4,
                                      "micro_batch_size": 4, "total_steps": 500, "generation.backend": "vllm",
                                      "run.eval_every": 10, "run.save_every": 10}),
     }
