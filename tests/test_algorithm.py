@@ -261,3 +261,36 @@ def test_reference_model_only_when_beta_positive(tiny_model, param_mode):
         # separate parameters: the two agents train disjoint parameter sets
         ids = [{id(p) for p in a.params} for a in agents.values()]
         assert ids[0] and ids[1] and not ids[0] & ids[1]
+
+
+# ---- importance weights against the sampler (vLLM samples; utils/sampling.importance_weights) ----
+OLD = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+SAMPLER = torch.tensor([[-1.5, -1.0, 0.0], [-1.0, -0.5, 0.0]])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # log w = [[0.5, -1, -], [0.5, 0, -0.5]]
+
+
+@pytest.mark.parametrize("mode,cap,weights,over", [
+    ("token_truncate", 1.5, [[1.5, math.exp(-1), 0.0], [1.5, 1.0, math.exp(-0.5)]], 2),  # e^0.5 = 1.65 > 1.5: cut
+    ("token_mask", 1.5, [[0.0, math.exp(-1), 0.0], [0.0, 1.0, math.exp(-0.5)]], 2),  # ... or dropped
+    ("sequence_truncate", 1.5, [[math.exp(-0.5)] * 2 + [0.0], [1.0] * 3], 0),  # products e^-0.5 and e^0
+    ("sequence_truncate", 0.9, [[math.exp(-0.5)] * 2 + [0.0], [0.9] * 3], 1),
+    ("sequence_mask", 0.9, [[math.exp(-0.5)] * 2 + [0.0], [0.0] * 3], 1),
+])
+def test_importance_weights_by_hand(mode, cap, weights, over):
+    from utils.sampling import importance_weights
+
+    w, stats = importance_weights(OLD, SAMPLER, MASK, mode, cap)
+    assert w.tolist() == [pytest.approx(row, abs=1e-6) for row in weights]
+    units = 5 if mode.startswith("token") else 2  # a weight per trained token, or per sequence
+    per_unit = [x for row, m in zip(weights, MASK.tolist()) for x, k in zip(row, m) if k] if units == 5 else [r[0] for r in weights]
+    assert stats["is_units"] == units and stats["is_over_cap"] == over
+    assert stats["is_weight"] == pytest.approx(sum(per_unit), abs=1e-6)
+
+
+def test_importance_weights_scale_the_policy_term_not_the_kl():
+    logp, old = torch.zeros(1, 2), torch.zeros(1, 2)
+    adv, mask, w = torch.ones(1, 2), torch.ones(1, 2), torch.tensor([[0.5, 2.0]])
+    ref = torch.full((1, 2), math.log(2.0))  # k3 KL with pi_ref / pi = 2: 2 - log 2 - 1
+    loss, _, _, kl = rs.policy_loss_terms(logp, old, adv, mask, 0.2, 0.2, ref, beta=0.1, is_weight=w)
+    k3 = 2.0 - math.log(2.0) - 1
+    assert loss.tolist() == [pytest.approx([-0.5 + 0.1 * k3, -2.0 + 0.1 * k3])]

@@ -196,6 +196,61 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_model, scri
     assert [r["step"] for r in metrics(run_dir) if "time/step" in r] == list(range(1, stopped + 2))
 
 
+def eval_rows(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum('"eval/accuracy"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_sigterm_inside_the_filter_and_inside_an_evaluation_resumes_bitwise(tmp_path, tiny_model):
+    """SIGTERM while the prompt filter runs (right after the first evaluation) and while an evaluation runs (right
+    after a step is logged, with an evaluation after every step): each time the run stops at once (generation stops
+    between batches), saves the last completed step and exits 0; resumed, it ends bitwise where an uninterrupted run
+    ends, with the same metric rows."""
+    args = ["--eval_every", "1", "--prompt_filter.pool_size", "16", "--prompt_filter.num_samples", "4",
+            "--generation_batch_size", "4", "--transcripts_every", "1"]
+    reference = run(tmp_path, tiny_model, *args, name="uninterrupted")
+    run_dir, stops = tmp_path / "stopped", []
+    for moment in ("filter", "evaluation", None):
+        cmd = single_cmd(tiny_model, tmp_path, "stopped", *args)
+        if (run_dir / "checkpoints" / "latest").exists():
+            cmd += ["--resume", str(run_dir)]
+        log_path = tmp_path / f"stopped-{len(stops)}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+            if moment == "filter":  # the step-0 evaluation is logged: the filter of D_l starts
+                wait_for(lambda: eval_rows(run_dir) >= 1, proc)
+            elif moment == "evaluation":  # step 1 is logged: the evaluation of step 1 starts
+                wait_for(lambda: logged_steps(run_dir) >= 1, proc)
+            if moment is not None:
+                proc.send_signal(signal.SIGTERM)
+                t0 = time.time()
+            proc.wait(timeout=600)
+        out = log_path.read_text()
+        assert proc.returncode == 0, out[-4000:]
+        if moment is not None:
+            stops.append((moment, time.time() - t0))
+            state = json.loads((find_checkpoint(run_dir) / "trainer_state.json").read_text())
+            assert "SIGTERM: saved the checkpoint of step" in out
+            assert state["step"] == logged_steps(run_dir)  # the last completed step, nothing half done
+            if moment == "filter":
+                assert state["step"] == 0 and state["dataset"] is None  # the filter is redone on resume
+            else:
+                assert state["evaluated_at"] != state["step"] and eval_rows(run_dir) == state["step"]  # evaluations 0..step-1
+    print("seconds from SIGTERM to exit:", stops)
+    assert all(seconds < 60 for _, seconds in stops), stops
+    ours, theirs = weights(find_checkpoint(run_dir)), weights(find_checkpoint(reference))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert comparable(metrics(run_dir)) == comparable(metrics(reference))
+
+
+def test_checkpoint_cadence_in_minutes(tmp_path, tiny_model):
+    """--save_every 0 with --save_every_minutes: a checkpoint at the first step end after that many minutes."""
+    run_dir = run(tmp_path, tiny_model, "--mode", "vrp", "--schedule", "switch", "--no-filter", "--total_steps", "3",
+                  "--switch_freq", "3", "--save_every_minutes", "0.0001", "--keep_checkpoints", "5")
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved == ["step_000001", "step_000002", "step_000003"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Non-finite loss / gradient
 # ---------------------------------------------------------------------------------------------------------------

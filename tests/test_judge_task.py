@@ -137,3 +137,25 @@ def test_judge_trains_offline_on_the_builtin_pairs(tmp_path, judge_task):
     assert test_e2e.changed_tensors(model, find_checkpoint(run_dir) / "policy") > 0
     config = json.loads((run_dir / "config.json").read_text())
     assert config["data"]["task"] == "judge" and config["data"]["train_dataset"] == "arithmetic"
+
+
+def test_training_refuses_a_test_file_of_another_split(tmp_path, judge_task):
+    """The README's workflow with a mismatch: the split files were written with another split seed than the run's.
+    The run stops before training, naming both splits; with the file's seed it trains."""
+    import subprocess
+    import sys
+
+    model, rb = judge_task
+    out = tmp_path / "split"
+    subprocess.run([sys.executable, "-m", "utils.judge_data", "--source", str(rb), "--mode", "strict", "--train_size",
+                    "30", "--test_size", "10", "--split_seed", "5", "--out", str(out)], cwd=test_e2e.ROOT, check=True,
+                   capture_output=True)
+    cmd = [sys.executable, str(test_e2e.ROOT / "rema_single.py"), "--task", "judge", "--model", str(model),
+           "--train_dataset", str(rb), "--eval_dataset", str(out / "test.jsonl"), "--output_dir", str(tmp_path), *SIZES]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "split seed 5" in proc.stderr and "split seed 0" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "rema_single" / "metrics.jsonl").exists()
+    run_dir = test_e2e.run(tmp_path, model, "--task", "judge", "--train_dataset", str(rb), "--eval_dataset",
+                           str(out / "test.jsonl"), "--judge.split_seed", "5", *SIZES, "--mode", "vrp", "--schedule",
+                           "switch", "--no-filter", "--total_steps", "1", "--switch_freq", "1", name="same_split")
+    assert any("eval/accuracy" in r for r in test_e2e.metrics(run_dir))

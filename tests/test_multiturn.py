@@ -266,3 +266,21 @@ def test_micro_batches_sum_to_the_mini_batch_loss():
     whole, _ = mt.turn_policy_loss(logp, old, ADV, TURNS, **kw)
     parts = sum(mt.turn_policy_loss(logp[i:i + 1], old[i:i + 1], ADV[i:i + 1], TURNS[i:i + 1], **kw)[0] for i in range(3))
     assert parts.item() == pytest.approx(whole.item())
+
+
+@pytest.mark.parametrize("clip_mode,agg_mode", [("turn", "trajectory"), ("turn", "token"), ("token", "trajectory")])
+def test_importance_weights_scale_each_unit(clip_mode, agg_mode):
+    """A turn's loss is scaled by the mean importance weight of its tokens; a token's by its own weight."""
+    old = torch.zeros(1, 3)
+    turns = torch.tensor([[0, 0, 1]])
+    w = torch.tensor([[0.5, 1.5, 3.0]])
+    kw = dict(clip_mode=clip_mode, ratio_form="geometric", agg_mode=agg_mode, eps_low=0.2, eps_high=0.2,
+              dual_clip=3.0, log_ratio_cap=3.0)
+    plain, _ = mt.turn_policy_loss(old.clone(), old, torch.tensor([1.0]), turns, **kw)
+    weighted, _ = mt.turn_policy_loss(old.clone(), old, torch.tensor([1.0]), turns, **kw, is_weight=w)
+    # on policy every unit's loss is -A = -1; turn 0's weight is (0.5 + 1.5) / 2 = 1, turn 1's is 3
+    expected = {("turn", "trajectory"): (-1 * 1 + -1 * 3) / 2, ("turn", "token"): -1 * 1 * 2 + -1 * 3 * 1,
+                ("token", "trajectory"): (-0.5 - 1.5 - 3.0) / 3}[(clip_mode, agg_mode)]
+    assert weighted.item() == pytest.approx(expected)
+    assert plain.item() == pytest.approx({("turn", "trajectory"): -1.0, ("turn", "token"): -3.0,
+                                          ("token", "trajectory"): -1.0}[(clip_mode, agg_mode)])
