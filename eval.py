@@ -38,7 +38,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils import prompts
-from utils.config import GradingArgs, JudgeArgs, VLLMArgs, arithmetic_default
+from utils.config import GradingArgs, JudgeArgs, VLLMEngineArgs, arithmetic_default
 from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.distributed import make_accelerator
 from utils.generation import generate
@@ -103,8 +103,8 @@ class Args:
     batch_size: int = 64
     """sequences per generate() call (HF backend)"""
     backend: Literal["hf", "vllm"] = "hf"
-    """generation: HF generate, or one vLLM engine per process (README: vLLM)"""
-    vllm: VLLMArgs = field(default_factory=VLLMArgs)
+    """generation: HF generate, or one vLLM engine per process (docs/vllm.md)"""
+    vllm: VLLMEngineArgs = field(default_factory=VLLMEngineArgs)
     chunk_size: int = 256
     """questions generated and written to the JSONL between progress updates (the unit of resumption)"""
     bf16: bool = True
@@ -116,6 +116,9 @@ class Args:
     seed: int = 1
     """sampling seed (each process adds its rank)"""
     grading: GradingArgs = field(default_factory=GradingArgs)
+    arithmetic: ArithmeticConfig = field(default_factory=arithmetic_default)
+    """a source 'arithmetic' (the built-in task; its test split): its knobs (the training run's when --model is one
+    of its checkpoints)"""
     judge: JudgeArgs = field(default_factory=JudgeArgs)
     """--task judge with RewardBench (or 'arithmetic', the built-in pairs) as a source: its test split, drawn by the
     one split definition (the training run's settings when --model is one of its checkpoints)"""
@@ -168,6 +171,11 @@ def training_config(model: str) -> dict | None:
     return None
 
 
+def arithmetic_of(args: Args, run: dict | None) -> ArithmeticConfig:
+    """The built-in task's knobs: the training run's, or --arithmetic.*."""
+    return ArithmeticConfig(**run["arithmetic"]) if run and "arithmetic" in run else args.arithmetic
+
+
 def judge_rows(source: str, args: Args, run: dict | None) -> list[dict]:
     """Pair-ranking rows of one source, with "answer" = the label ("A>B" / "B>A"). RewardBench and 'arithmetic' (the
     built-in pairs) give their test split by the one split definition (utils/judge_data.py), in the training run's
@@ -180,9 +188,8 @@ def judge_rows(source: str, args: Args, run: dict | None) -> list[dict]:
         check_same_split(run_spec, read_split_spec(source) or (SplitSpec(source, judge.split, judge.train_size,
                          judge.test_size, judge.split_seed) if is_rewardbench(source) else None), f"--datasets {source}")
     if source == "arithmetic" or is_rewardbench(source):
-        arithmetic = ArithmeticConfig(**run["arithmetic"]) if run and "arithmetic" in run else arithmetic_default()
         items = load_judge_examples(source, "test", mode=judge.split, train_size=judge.train_size, test_size=judge.test_size,
-                                    split_seed=judge.split_seed, arithmetic=arithmetic, max_error=judge.max_error)
+                                    split_seed=judge.split_seed, arithmetic=arithmetic_of(args, run), max_error=judge.max_error)
         return [{k: it[k] for k in ("question", "response_A", "response_B")} | {"answer": it["label"]}
                 for it in items if it["label"] == "A>B"]
     return load_examples(source, args.question_field, args.answer_field or "label", args.split)
@@ -196,7 +203,8 @@ def load_questions(args: Args, run: dict | None = None) -> list[dict]:
     answer_field = args.answer_field or ("label" if judge else "answer")
     questions = []
     for source in sources:
-        rows = judge_rows(source, args, run) if judge else load_examples(source, args.question_field, answer_field, args.split)
+        rows = judge_rows(source, args, run) if judge else load_examples(
+            source, args.question_field, answer_field, args.split, arithmetic=arithmetic_of(args, run))
         by_bench = defaultdict(list)
         for i, row in enumerate(rows):
             if judge:

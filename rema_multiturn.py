@@ -130,11 +130,16 @@ class Args:
     micro_batch_size: int = 8
     """sequences per forward/backward on each process (gradient accumulation up to the mini-batch)"""
     optim: Annotated[OptimizerArgs, Flat] = field(default_factory=lambda: OptimizerArgs(weight_decay=0.01))
+    """the optimizer (AdamW, constant learning rate) and the guard against non-finite steps"""
     # ---- plumbing shared with rema_single.py (utils/config.py) ----
     lm: Annotated[ModelArgs, Flat] = field(default_factory=ModelArgs)
+    """the model and how it is trained"""
     run: Annotated[RunArgs, Flat] = field(default_factory=lambda: RunArgs(exp_name="rema_multiturn"))
+    """the run: name, seed, resume, evaluation, logging and checkpoints"""
     data: Annotated[DataArgs, Flat] = field(default_factory=DataArgs)
+    """the task and its train and held-out sets"""
     generation: Annotated[GenerationArgs, Flat] = field(default_factory=GenerationArgs)
+    """how samples are generated"""
     arithmetic: ArithmeticConfig = field(default_factory=arithmetic_default)
     """the built-in procedural task and its difficulty knobs"""
     judge: JudgeArgs = field(default_factory=JudgeArgs)
@@ -637,6 +642,8 @@ def main(args: Args) -> None:
                               conversation=[{t.role: t.text} for t in tr.turns]) for tr in trajs[::args.num_generations]]
                 logger.log_transcripts(gather_object(shows[: args.run.num_transcripts])[: args.run.num_transcripts], state["step"])
             progress.step(state["step"], {"rollout/reward": metrics["rollout/reward"], "turns": metrics["rollout/mean_turns"]})
+            if progress.time_is_up(accelerator, args.run.max_minutes):
+                break
         if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
             logger.log(evaluate(eval_set, agent_of, sampler, task, args, accelerator), state["step"])
             state["evaluated_at"] = state["step"]

@@ -74,7 +74,7 @@ class Args:
     """alternate: the paper's Algorithm 1 with prompt filtering; switch: the official code's schedule (switch the trained agent every switch_freq steps, no filtering)"""
     num_update_iterations: int = 1
     """#UpdateIteration of Algorithm 1 (paper: 3 for Llama3/3.1-8B, 10 for Qwen2.5-7B on MATH; 1 on RewardBench)"""
-    num_train_epochs: int = 1
+    num_train_epochs: int = 2
     """#TrainingEpisode: RL epochs over the filtered dataset per agent and round (paper: 4 on MATH)"""
     first_agent: Literal["reasoning", "meta_thinking"] = "reasoning"
     """which agent each round trains first (Algorithm 1: the reasoning agent; App. C.4 and the official code: the MTA)"""
@@ -120,11 +120,16 @@ class Args:
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     """token-loss aggregation (TRL names): grpo = mean over each sequence then over sequences; dapo = mean over all tokens; dr_grpo = sum / (sequences x max_completion_length)"""
     optim: Annotated[OptimizerArgs, Flat] = field(default_factory=OptimizerArgs)
+    """the optimizer (AdamW, constant learning rate) and the guard against non-finite steps"""
     # ---- plumbing shared with rema_multiturn.py (utils/config.py) ----
     lm: Annotated[ModelArgs, Flat] = field(default_factory=ModelArgs)
+    """the model and how it is trained"""
     run: Annotated[RunArgs, Flat] = field(default_factory=lambda: RunArgs(exp_name="rema_single"))
+    """the run: name, seed, resume, evaluation, logging and checkpoints"""
     data: Annotated[DataArgs, Flat] = field(default_factory=DataArgs)
+    """the task and its train and held-out sets"""
     generation: Annotated[GenerationArgs, Flat] = field(default_factory=GenerationArgs)
+    """how samples are generated"""
     arithmetic: ArithmeticConfig = field(default_factory=arithmetic_default)
     """the built-in procedural task and its difficulty knobs"""
     judge: JudgeArgs = field(default_factory=JudgeArgs)
@@ -658,6 +663,8 @@ def main(args: Args) -> None:
                 shows = gather_object(rollout["shows"][: args.run.num_transcripts])
                 logger.log_transcripts(shows[: args.run.num_transcripts], state["step"])
             progress.step(state["step"], {k: v for k, v in metrics.items() if k.endswith("/reward")})
+            if progress.time_is_up(accelerator, args.run.max_minutes):
+                break
         if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
             logger.log(evaluate(eval_set, agents, sampler, task, args, accelerator), state["step"])
             state["evaluated_at"] = state["step"]

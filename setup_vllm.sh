@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv-vllm: this project plus vLLM's CPU build, for the vLLM backend's tests on a machine without a GPU.
-# (On GPUs install requirements-vllm.txt instead; see README, "vLLM backend".)
+# (On GPUs install requirements-vllm.txt instead; see docs/vllm.md.)
 # Usage: bash setup_vllm.sh   (then: .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm.py)
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -190,7 +190,7 @@ def ours_command(args: Args, model_dir: str, run_dir: Path) -> list[str]:
         "--generation_batch_size", str(B * G),  # one generate call per step, as TRL and the floor
         "--bf16" if args.bf16 else "--no-bf16",
         "--gradient_checkpointing" if args.gradient_checkpointing else "--no-gradient_checkpointing",
-        "--grading_workers", str(args.grading_workers), "--seed", str(args.seed), "--model", model_dir,
+        "--grading.workers", str(args.grading_workers), "--seed", str(args.seed), "--model", model_dir,
         # evaluation at the start and the end and the final checkpoint cannot be switched off: one eval question
         "--eval_every", "0", "--eval_limit", "1", "--save_every", "0", "--transcripts_every", "0",
         "--output_dir", str(run_dir.parent), "--exp_name", run_dir.name,
@@ -226,7 +226,7 @@ def run_trl(args: Args, model_dir: str) -> dict:
     tokenizer = load_tokenizer(model_dir)
     dataset = Dataset.from_list([{"prompt": prompts.vrp_messages(r["question"]), "answer": r["answer"]}
                                  for r in workload_rows(args)])
-    grader = Grader(timeout=RemaArgs.grading_timeout, num_workers=args.grading_workers)
+    grader = Grader(timeout=RemaArgs().grading.timeout, num_workers=args.grading_workers, mode=RemaArgs().grading.grader)
 
     def vrp_reward(completions, answer, **_):
         """rema_single's R_l: math-verify through the same Grader, then +1 / -0.5 / -1."""

@@ -1,7 +1,7 @@
 """Learning check (opt-in: `pytest -m slow`, about 15 minutes on 2 CPU cores): RL must raise held-out accuracy.
 
 The VRP baseline on the built-in arithmetic task with the embedded SmolLM2-135M-Instruct: in the measured run
-(README, results) greedy accuracy on 100 held-out sums went from 32% to 67% in 10 steps. This test asks for a
+(docs/results.md) greedy accuracy on 100 held-out sums went from 32% to 67% in 10 steps. This test asks for a
 rise of at least 15 points on 50 held-out sums within 10 steps; a broken reward, advantage or update leaves
 accuracy where it started."""
 

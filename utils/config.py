@@ -60,6 +60,8 @@ class RunArgs:
     """complete checkpoints kept on disk (older ones are deleted)"""
     track: bool = False
     """log to Weights & Biases as well as TensorBoard and metrics.jsonl"""
+    max_minutes: float | None = None
+    """stop training after this many minutes of the run (then evaluate and save as at the end); None: no limit"""
 
 
 @dataclass
@@ -141,13 +143,17 @@ class LoraArgs:
 
 
 @dataclass
-class VLLMArgs:
+class VLLMEngineArgs:
     memory_utilization: float | None = None
     """on a GPU, the share of its memory the engine may take for weights and KV cache (None: 0.3 in training, 0.9 in
     eval.py); on CPU, the KV cache's share of RAM (None: 0.05)"""
     max_model_len: int | None = None
     """the longest prompt + completion, in tokens, the engine accepts (None: the model's limit; multi-turn: the
     context limit + one turn)"""
+
+
+@dataclass
+class VLLMArgs(VLLMEngineArgs):
     sleep: bool = True
     """release the engine's memory during the update phase (vLLM supports it on CUDA / ROCm, not on CPU)"""
     check: bool = True
@@ -190,12 +196,12 @@ class FilterArgs:
     num_samples: int = 4
     """samples per question that estimate succ(x) (paper: 10, at temperature 1.0)"""
     eps_min: float = 0.2
-    """keep x if eps_min <= succ(x) (paper: 0.2 on MATH and RewardBench with Llama3.1; 0.1 with Qwen)"""
+    """keep x if eps_min <= succ(x) (paper: 0.2; on RewardBench with Qwen2.5: 0.1)"""
     eps_max: float = 0.8
-    """keep x if succ(x) <= eps_max (paper: 0.8 on MATH and RewardBench with Llama3.1; 0.9 with Qwen)"""
-    pool_size: int | None = 64
+    """keep x if succ(x) <= eps_max (paper: 0.8; on RewardBench with Qwen2.5: 0.9)"""
+    pool_size: int | None = 32
     """questions drawn (afresh each phase) from the train set to filter; None: the whole set, as in the paper"""
-    plans_per_question: int = 4
+    plans_per_question: int = 2
     """D_l: plans the MTA samples (temperature 1.0) for each kept question (paper: 4)"""
 
 
@@ -229,5 +235,5 @@ def cli(args_type: type[T], presets: dict[str, tuple[str, dict]], prog: str) -> 
     return tyro.cli(args_type, default=default, args=argv, prog=prog, description=description)
 
 
-__all__ = ["Annotated", "Flat", "ModelArgs", "OptimizerArgs", "RunArgs", "DataArgs", "GenerationArgs", "LoraArgs", "VLLMArgs", "GradingArgs",
+__all__ = ["Annotated", "Flat", "VLLMEngineArgs", "ModelArgs", "OptimizerArgs", "RunArgs", "DataArgs", "GenerationArgs", "LoraArgs", "VLLMArgs", "GradingArgs",
            "JudgeArgs", "FilterArgs", "WandbArgs", "arithmetic_default", "with_overrides", "cli"]

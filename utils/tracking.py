@@ -127,6 +127,13 @@ class RunProgress:
     def elapsed(self) -> float:
         return time.time() - self.start
 
+    def time_is_up(self, accelerator, max_minutes: float | None) -> bool:
+        """Collective: has the run used its --max_minutes (on any process)?"""
+        import torch
+
+        late = max_minutes is not None and self.elapsed() >= 60 * max_minutes
+        return accelerator.reduce(torch.tensor(float(late), device=accelerator.device), reduction="max").item() > 0
+
     def finish(self, logger: RunLogger, checkpoint) -> None:
         """The summary line: held-out accuracy before and after, run time, where the checkpoint is."""
         self.bar.close()

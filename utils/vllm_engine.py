@@ -102,7 +102,7 @@ class VLLMEngine:
             from vllm.platforms import current_platform
         except ImportError as e:
             raise SystemExit(f"--backend vllm needs vLLM in this environment ({e}). vLLM pins its own torch and "
-                             "transformers: install it in its own environment, see README ('vLLM backend').") from None
+                             "transformers: install it in its own environment, see docs/vllm.md.") from None
         self.sleep_mode = sleep and current_platform.is_sleep_mode_available()
         if torch.cuda.is_available():
             memory = dict(gpu_memory_utilization=memory_utilization or gpu_share)  # share of the GPU's memory
