@@ -218,7 +218,7 @@ def load_questions(args: Args, run: dict | None = None) -> list[dict]:
                 row = row | {"answer": row["answer"][0]}
             by_bench[str(row.get(args.dataset_field) or Path(source).stem)].append(row)
         if any(args.dataset_field in r for r in rows):  # several benchmarks in one source: pick them
-            wanted = args.benchmarks or (list(by_bench) if judge else BENCHMARKS)
+            wanted = args.benchmarks or (BENCHMARKS if not judge and set(BENCHMARKS) & set(by_bench) else list(by_bench))
         else:  # the whole source is one benchmark, named after it
             wanted = list(by_bench)
         for bench in wanted:

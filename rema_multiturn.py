@@ -582,7 +582,7 @@ def main(args: Args) -> None:
         while state["step"] < args.total_steps:
             # ---- EVALUATION and CHECKPOINT of the last completed step (a resumed run never evaluates one twice) ----
             if due_for_eval():
-                logger.log(evaluate(eval_set, agent_of, sampler, task, args, accelerator), state["step"])
+                logger.log(progress.evaluated(evaluate, eval_set, agent_of, sampler, task, args, accelerator), state["step"])
                 state["evaluated_at"] = state["step"]
             if state["step"] > 0 and ckpt.due(state["step"]):
                 ckpt.save(state)
@@ -634,6 +634,7 @@ def main(args: Args) -> None:
             metrics |= sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
             metrics |= {f"time/{k}": v for k, v in sampler.times.items()}
             metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
+                        "time/training": progress.training_time(),
                         "train/agent": float(ROLES.index(roles[0])) if len(roles) == 1 else -1.0,
                         "train/skipped_steps": float(guard.skipped), "grader/timeouts": float(grader.num_timeouts if grader else 0)}
             logger.log(metrics, state["step"])
@@ -645,7 +646,7 @@ def main(args: Args) -> None:
             if progress.time_is_up(accelerator, args.run.max_minutes):
                 break
         if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
-            logger.log(evaluate(eval_set, agent_of, sampler, task, args, accelerator), state["step"])
+            logger.log(progress.evaluated(evaluate, eval_set, agent_of, sampler, task, args, accelerator), state["step"])
             state["evaluated_at"] = state["step"]
             ckpt.save(state)
             progress.finish(logger, ckpt)

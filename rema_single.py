@@ -594,7 +594,7 @@ def main(args: Args) -> None:
         while state["phase"] < len(phases):
             # ---- EVALUATION and CHECKPOINT of the last completed step (a resumed run never evaluates one twice) ----
             if due_for_eval():
-                logger.log(evaluate(eval_set, agents, sampler, task, args, accelerator), state["step"])
+                logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
                 state["evaluated_at"] = state["step"]
             if state["step"] > 0 and ckpt.due(state["step"], phase_ended):
                 ckpt.save(state)
@@ -656,6 +656,7 @@ def main(args: Args) -> None:
             metrics |= sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
             metrics |= {f"time/{k}": v for k, v in sampler.times.items()} | (state.pop("filter_stats", None) or {})
             metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
+                        "time/training": progress.training_time(),
                         "train/agent": float(names.index(agent.name)), "train/phase": float(state["phase"] - phase_ended),
                         "train/skipped_steps": float(guard.skipped), "grader/timeouts": float(grader.num_timeouts if grader else 0)}
             logger.log(metrics, state["step"])
@@ -666,7 +667,7 @@ def main(args: Args) -> None:
             if progress.time_is_up(accelerator, args.run.max_minutes):
                 break
         if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
-            logger.log(evaluate(eval_set, agents, sampler, task, args, accelerator), state["step"])
+            logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
             state["evaluated_at"] = state["step"]
             ckpt.save(state)
             progress.finish(logger, ckpt)

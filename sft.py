@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from utils import prompts
 from utils.data import ArithmeticConfig, DataError, arithmetic_conversations, load_examples
 from utils.distributed import make_accelerator
+from utils.judge_data import arithmetic_pairs, format_demonstrations
 from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
 from utils.tracking import RunLogger
 
@@ -47,7 +48,9 @@ class Args:
     datasets: tuple[str, ...] = (str(SHARED / "meta_thinking.jsonl"), str(SHARED / "reasoning.jsonl"))
     """LlamaFactory alpaca-with-history .jsonl / .json / .parquet files or hub ids, mixed (paper: both agents' views);
     'arithmetic': conversations that show the protocol on the built-in task's train split (utils/data.py,
-    arithmetic_conversations; both views), so that a small model learns to end with [FINISH]"""
+    arithmetic_conversations; both views), so that a small model learns to end with [FINISH]; 'arithmetic-judge':
+    the judge prompts of every method answered with a verdict drawn at random (utils/judge_data.py,
+    format_demonstrations): the verdict format, and nothing of which response is right"""
     arithmetic: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(max_operand=20, num_operands=3, operations="+-", train_size=1000, test_size=100))
     """--datasets arithmetic: the built-in task (its test split is never trained on)"""
     system_prompt: Literal["data", "rl"] = "data"
@@ -139,8 +142,12 @@ def main(args: Args) -> None:
     examples = []
     for source in args.datasets:
         # the shared loader: .jsonl / .json / .parquet / hub, and bad rows named by file, line and field
-        rows = arithmetic_conversations(args.arithmetic, "train") if source == "arithmetic" else \
-            load_examples(source, question_field="instruction", answer_field="output", limit=args.limit)
+        if source == "arithmetic":
+            rows = arithmetic_conversations(args.arithmetic, "train")
+        elif source == "arithmetic-judge":
+            rows = format_demonstrations(arithmetic_pairs(args.arithmetic, "train"), args.seed)
+        else:
+            rows = load_examples(source, question_field="instruction", answer_field="output", limit=args.limit)
         for row in rows[: args.limit] if args.limit else rows:
             examples.append(encode(tokenizer, conversation(row, args.system_prompt, args.reas_finish), stop_ids, args.max_length))
     examples = [e for e in examples if any(label != -100 for label in e[1])]

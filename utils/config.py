@@ -61,7 +61,8 @@ class RunArgs:
     track: bool = False
     """log to Weights & Biases as well as TensorBoard and metrics.jsonl"""
     max_minutes: float | None = None
-    """stop training after this many minutes of the run (then evaluate and save as at the end); None: no limit"""
+    """stop after this many minutes of training (this process's run, evaluation excluded: the time/training metric),
+    then evaluate and save as at the end; None: no limit"""
 
 
 @dataclass

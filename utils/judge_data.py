@@ -416,6 +416,33 @@ def arithmetic_pairs(cfg: ArithmeticConfig, split: str, *, max_error: int = 10, 
     return [_check_item(item, f"arithmetic pairs ({split} item {i})") for i, item in enumerate(pair_items(rows), start=1)]
 
 
+def format_demonstrations(items: list[dict], seed: int = 0) -> list[dict]:
+    """Rows for `sft.py --datasets arithmetic-judge` that teach the judge prompts' output format and nothing of the
+    task. The untrained SmolLM2-135M never writes a verdict (0 of 64 sampled VRP replies on arithmetic pairs), so RL
+    alone gets no signal; these rows answer each prompt of every method (VRP, MRP, the MTA's plan, the RA following
+    it) with a neutral sentence and a verdict drawn at random, right half the time: after them a model writes
+    [[A]] / [[B]], and which one is right is left for RL to learn. LlamaFactory "alpaca with history" rows, the shape
+    sft.py reads."""
+    from utils import prompts
+
+    rng = random.Random(seed)
+    plan = "Work out the correct answer to the question yourself, then check which response gives it."
+
+    def row(messages: list[dict], reply: str) -> dict:
+        return {"system": messages[0]["content"], "history": [], "instruction": messages[1]["content"], "input": None,
+                "output": reply, "question": messages[1]["content"], "answer": reply}
+
+    rows = []
+    for it in items:
+        q, a, b = it["question"], it["response_A"], it["response_B"]
+        verdicts = [f"[[{rng.choice('AB')}]]" for _ in range(3)]
+        rows += [row(prompts.judge_vrp_messages(q, a, b), f"I compare the two responses to the question. {verdicts[0]}"),
+                 row(prompts.judge_mrp_messages(q, a, b), f"Plan: {plan} Following the plan, I compare them. {verdicts[1]}"),
+                 row(prompts.judge_meta_messages(q), plan),
+                 row(prompts.judge_reas_messages(q, a, b, plan), f"Following the plan, I compare them. {verdicts[2]}")]
+    return rows
+
+
 def load_judge_examples(source: str, split: str, *, limit: int | None = None, mode: Literal["strict", "loose"] = "strict",
                         train_size: int = 5000, test_size: int = 970, split_seed: int | None = None,
                         seed: int | None = None, arithmetic: ArithmeticConfig | None = None,

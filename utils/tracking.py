@@ -100,6 +100,7 @@ class RunProgress:
 
     def __init__(self, run_dir: Path, initial_step: int, enabled: bool, header: dict[str, str]):
         self.run_dir, self.enabled, self.start, self.done = run_dir, enabled, time.time(), initial_step
+        self.eval_seconds = 0.0  # spent in evaluation: not training time
         if enabled:
             for key, value in header.items():
                 print(f"{key}: {value}")
@@ -127,11 +128,22 @@ class RunProgress:
     def elapsed(self) -> float:
         return time.time() - self.start
 
+    def training_time(self) -> float:
+        """Seconds of this process's run spent on anything but evaluation."""
+        return self.elapsed() - self.eval_seconds
+
+    def evaluated(self, evaluate, *args) -> dict:
+        """evaluate(*args), timed as evaluation; its metrics with the training time so far (time/training)."""
+        t0 = time.time()
+        metrics = evaluate(*args)
+        self.eval_seconds += time.time() - t0
+        return metrics | {"time/training": self.training_time()}
+
     def time_is_up(self, accelerator, max_minutes: float | None) -> bool:
-        """Collective: has the run used its --max_minutes (on any process)?"""
+        """Collective: has the run trained for its --max_minutes (evaluation excluded) on any process?"""
         import torch
 
-        late = max_minutes is not None and self.elapsed() >= 60 * max_minutes
+        late = max_minutes is not None and self.training_time() >= 60 * max_minutes
         return accelerator.reduce(torch.tensor(float(late), device=accelerator.device), reduction="max").item() > 0
 
     def finish(self, logger: RunLogger, checkpoint) -> None:
