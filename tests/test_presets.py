@@ -64,3 +64,18 @@ def test_flags_override_a_preset(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["rema_single.py", "--preset", "paper-gpt5"])
     with pytest.raises(SystemExit, match="unknown --preset 'paper-gpt5'"):
         cli(rs.Args, single_turn(), "rema_single.py")
+
+
+def test_cpu_sizes_on_a_large_model_say_so(capsys):
+    import torch
+
+    big = torch.nn.Linear(1, 1)
+    big.weight = torch.nn.Parameter(torch.empty(0))  # parameters are only counted: a meta-sized stand-in
+    big.extra = torch.nn.Parameter(torch.empty(2_000_000_000, device="meta"))
+    from utils.config import warn_if_scales_mix
+
+    warn_if_scales_mix(rs.Args(), big, 1, "rema_single.py")
+    assert "WARNING: --preset cpu" in capsys.readouterr().out
+    warn_if_scales_mix(rs.Args(preset="paper-qwen2.5-7b"), big, 8, "rema_single.py")
+    warn_if_scales_mix(rs.Args(), torch.nn.Linear(4, 4), 1, "rema_single.py")
+    assert capsys.readouterr().out == ""

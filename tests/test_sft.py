@@ -117,3 +117,31 @@ def test_sft_bad_row_names_file_line_and_field(tmp_path, tiny_model):
                           env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode != 0
     assert "bad.jsonl line 2" in proc.stderr and "'output'" in proc.stderr
+
+
+def test_builtin_sources_protocol_conversations_and_judge_format(tmp_path, tiny_model):
+    """--datasets arithmetic: conversations that end the protocol with [FINISH] and a boxed answer (both views);
+    --datasets arithmetic-judge: every judge prompt answered with a verdict drawn at random."""
+    from utils.data import ArithmeticConfig, arithmetic_conversations
+    from utils.grading import parse_verdict
+    from utils.judge_data import arithmetic_pairs, format_demonstrations
+
+    cfg = ArithmeticConfig(max_operand=9, num_operands=3, operations="+-", train_size=40, test_size=10)
+    rows = arithmetic_conversations(cfg, "train")
+    assert len(rows) == 80  # two views per question
+    meta, reas = sft.conversation(rows[0], "data"), sft.conversation(rows[1], "data")
+    assert meta[0]["content"] == prompts.MULTITURN_META_SYSTEM and reas[0]["content"] == prompts.MULTITURN_REAS_SYSTEM
+    assert meta[-1]["content"].endswith(prompts.FINISH_FLAG) and "\\boxed{" in reas[-1]["content"]
+    assert len(meta) == len(reas) == 1 + 2 * 2  # two operations, two turns each side
+    assert meta[3]["content"] == reas[2]["content"]  # the RA's first reply is the MTA's second user turn
+    demos = format_demonstrations(arithmetic_pairs(cfg, "train"), seed=0)
+    verdicts = [parse_verdict(r["output"]) for r in demos]
+    assert all(v in ("A", "B") for i, v in enumerate(verdicts) if i % 4 != 2) and verdicts[2::4] == [None] * 40
+    assert 0.3 < sum(v == "A" for v in verdicts if v) / 120 < 0.7  # drawn at random
+    for source in ("arithmetic", "arithmetic-judge"):
+        out = tmp_path / source
+        proc = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(tiny_model), "--datasets", source,
+                               "--limit", "8", "--batch_size", "4", "--num_train_epochs", "1", "--output_dir", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # 8 conversations / batch 4

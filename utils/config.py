@@ -210,6 +210,16 @@ def arithmetic_default() -> ArithmeticConfig:
     return ArithmeticConfig(max_operand=20, num_operands=2, operations="+", train_size=1000, test_size=100)
 
 
+def warn_if_scales_mix(args, model, num_processes: int, prog: str) -> None:
+    """The CPU preset's sizes (64-token plans, a learning rate for 135M parameters, a pool of 32 questions, ...) on a
+    large model or many GPUs run something the paper never ran: say so loudly rather than silently."""
+    params = sum(p.numel() for p in model.parameters())
+    if args.preset == "cpu" and (params > 1e9 or num_processes > 2):
+        print(f"{prog}: WARNING: --preset cpu (sizes for a 135M model on a laptop CPU) with a {params / 1e9:.1f}B-"
+              f"parameter model on {num_processes} process(es). The paper's configurations are presets: "
+              "--preset paper-qwen2.5-7b and the others listed by --help (utils/presets.py).", flush=True)
+
+
 T = TypeVar("T")
 
 
@@ -234,7 +244,3 @@ def cli(args_type: type[T], presets: dict[str, tuple[str, dict]], prog: str) -> 
     default = with_overrides(args_type(), presets[name][1] | {"preset": name})
     description = (sys.modules["__main__"].__doc__ or "").split("\n", 1)[0] + f"\n\nPresets (--preset NAME):\n{listing}"
     return tyro.cli(args_type, default=default, args=argv, prog=prog, description=description)
-
-
-__all__ = ["Annotated", "Flat", "VLLMEngineArgs", "ModelArgs", "OptimizerArgs", "RunArgs", "DataArgs", "GenerationArgs", "LoraArgs", "VLLMArgs", "GradingArgs",
-           "JudgeArgs", "FilterArgs", "WandbArgs", "arithmetic_default", "with_overrides", "cli"]
