@@ -54,12 +54,12 @@ from utils import prompts
 from utils.batch import collate, select
 from utils.checkpoint import Checkpointer
 from utils.config import (Annotated, DataArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs, ModelArgs,
-                          OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli)
+                          OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli, warn_if_scales_mix)
 from utils.data import ArithmeticConfig, DataError
 from utils.distributed import check_deepspeed, make_accelerator, reduce_sums, shard
 from utils.faults import NonFiniteGuard, Preempted, Preemption
 from utils.grading import Grader
-from utils.logprobs import token_logprobs
+from utils.logprobs import completion_logprobs
 from utils.models import build_agents, load_tokenizer, resolve_model
 from utils.presets import multi_turn
 from utils.sampling import importance_weights, make_sampler
@@ -459,18 +459,7 @@ def evaluate(eval_set, agent_of, sampler, task, args, accelerator) -> dict:
     return rollout_metrics(rollout(mine, agent_of, sampler, task, args, 0.0, "eval"), n_real, "eval")
 
 
-# ---- UPDATE: log-probabilities of the sampled tokens, and PPO epochs over mini- and micro-batches --------------------
-def completion_logprobs(model, batch: dict, temperature: float, autocast, with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) of the tokens after the prompt: (N, C), and the entropy of pi at each position if asked."""
-    C = batch["completion_ids"].shape[1]
-    with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits  # (N, C+1, V)
-    # position t predicts completion token t: log softmax(logits_t / T)[y_t] (and the entropy), computed a chunk of
-    # positions at a time, so no (N, C, V) float32 copy of the logits is made (utils/logprobs.py)
-    return token_logprobs(logits, batch["completion_ids"], temperature, with_entropy)
-
-
+# ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
 @torch.no_grad()
 def old_logprobs(agent, batch: dict, args, autocast) -> None:
     """pi_old (the policy that sampled, recomputed by the trainer before any update, spec 3.5) into batch: (N, C)."""
@@ -524,7 +513,7 @@ def step_metrics(agent, roles, rewards, sums: dict, is_stats: dict, G: int, args
     units, tok, steps = max(s["units"], 1.0), max(s["tokens"], 1.0), max(s["steps"], 1.0)
     p = "train" if args.param_sharing else f"train/{PREFIX[roles[0]]}"
     metrics = {"rollout/frac_reward_zero_std": s["zero_std"] / s["groups"],
-               "rollout/reward_std": float(accelerator.gather(rewards).std()) if accelerator.num_processes * len(rewards) > 1 else 0.0,
+               "rollout/reward_std": float(accelerator.gather(rewards).std()) if s["groups"] * G > 1 else 0.0,
                f"{p}/clip_ratio/low_mean": s["clip_low"] / units, f"{p}/clip_ratio/high_mean": s["clip_high"] / units,
                f"{p}/clip_ratio/region_mean": (s["clip_low"] + s["clip_high"]) / units,
                f"{p}/clip_ratio/dual_mean": s["clip_dual"] / units, f"{p}/entropy": s["entropy"] / tok,
@@ -553,6 +542,7 @@ def main(args: Args) -> None:
     train_set, eval_set = task.load(args)
     names = ["policy"] if args.param_sharing else ROLES
     agents = build_agents(args, accelerator, path, {n: args.max_completion_length for n in names})
+    warn_if_scales_mix(args, next(iter(agents.values())).unwrapped, world, "rema_multiturn.py")
     agent_of = {role: agents["policy"] if args.param_sharing else agents[role] for role in ROLES}
     set_seed(args.run.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
     preemption = Preemption()  # SIGTERM: stop the step, save the last completed one, exit with status 0
@@ -569,7 +559,8 @@ def main(args: Args) -> None:
     progress = RunProgress(run_dir, state["step"], enabled=main_proc, header={
         "run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
         "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
-                   f"{'on' if args.mask_unfinished_reward else 'off'}, stop on truncation {'on' if args.stop_when_truncated else 'off'}",
+                   f"{'on' if args.mask_unfinished_reward else 'off'}, "
+                   f"stop on truncation {'on' if args.stop_when_truncated else 'off'}",
         "update": f"GRPO, {args.num_mini_batches * args.num_iterations} optimizer step(s) per rollout"
                   + (" (the PPO ratio stays 1)" if args.num_mini_batches * args.num_iterations == 1 else "")})
     progress.expect(args.total_steps)
@@ -593,7 +584,8 @@ def main(args: Args) -> None:
             random.Random(args.run.seed * 7919 + state["epoch"]).shuffle(perm)
             idx = perm[state["batch"] * args.rollout_batch_size:(state["batch"] + 1) * args.rollout_batch_size]
             # G trajectories per question, consecutive; the key seeds each trajectory's samples
-            items = [train_set[i] | {"key": (state["step"], i, g)} for i in idx[rank::world] for g in range(args.num_generations)]
+            G = args.num_generations
+            items = [train_set[i] | {"key": (state["step"], i, g)} for i in idx[rank::world] for g in range(G)]
             sampler.times.clear()
             t0 = time.time()
 

@@ -47,12 +47,13 @@ from accelerate.utils import gather_object, set_seed
 from utils.batch import collate, select
 from utils.checkpoint import Checkpointer
 from utils.config import (Annotated, DataArgs, FilterArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs,
-                          ModelArgs, OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli)
+                          ModelArgs, OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli,
+                          warn_if_scales_mix)
 from utils.data import ArithmeticConfig, DataError
 from utils.distributed import check_deepspeed, make_accelerator, reduce_sums, shard
 from utils.faults import NonFiniteGuard, Preempted, Preemption
 from utils.grading import Grader
-from utils.logprobs import token_logprobs
+from utils.logprobs import completion_logprobs
 from utils.models import build_agents, load_tokenizer, resolve_model
 from utils.presets import single_turn
 from utils.sampling import importance_weights, make_sampler, sampler_logprobs
@@ -298,7 +299,6 @@ class Derived:
     mini_batch: int  # sequences per optimizer step on this process
     steps_per_rollout: int  # optimizer steps per rollout and PPO epoch (1: the ratio is always 1, nothing is clipped)
     recompute_old: bool  # pi_old recomputed by the trainer before the update (the ratio or the KL needs it)
-    kl_in_reward: bool  # REINFORCE++ with beta > 0: k1 KL in the reward
     kl_in_loss: float  # the loss's k3 KL coefficient (GRPO / RLOO; 0 when the estimator puts the KL in the reward)
     eps_high: float  # upper clip range
     is_mode: str  # importance weighting against the sampler: "none" unless generation runs on vLLM
@@ -311,7 +311,7 @@ def derive(args: Args, accelerator) -> Derived:
     steps = math.ceil(args.rollout_batch_size * args.num_generations / (mini_batch * accelerator.num_processes))
     kl_in_reward = estimator.kl_in_reward and args.beta > 0
     return Derived(K=args.reas_samples_per_plan or args.num_generations, mini_batch=mini_batch, steps_per_rollout=steps,
-                   recompute_old=args.num_iterations > 1 or steps > 1 or kl_in_reward or vllm, kl_in_reward=kl_in_reward,
+                   recompute_old=args.num_iterations > 1 or steps > 1 or kl_in_reward or vllm,
                    kl_in_loss=0.0 if estimator.kl_in_reward else args.beta,
                    eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
                    is_mode=args.vllm.importance_sampling_mode if vllm else "none")
@@ -421,6 +421,14 @@ def schedule_phases(agents: list[str], schedule: str, num_update_iterations: int
     return [agents[b % len(agents)] for b in range(math.ceil(total_steps / switch_freq))]
 
 
+def phase_steps(agent_name: str, questions: int, args: Args, built: bool = False) -> int:
+    """Steps of a phase whose dataset holds `questions` questions (built: `questions` is the dataset's size already,
+    D_l's plans included): each epoch, ceil(items / B) steps."""
+    items = questions * (args.prompt_filter.plans_per_question if not built and agent_name == "reasoning"
+                         and args.mode == "rema" else 1)
+    return math.ceil(items / args.rollout_batch_size) * args.num_train_epochs
+
+
 def advance(state: dict, dataset_size: int, args: Args) -> bool:
     """Move the schedule's cursor (batch, epoch, phase) past the step just taken; True if that ended the phase."""
     state["batch"] += 1
@@ -456,18 +464,7 @@ def evaluate(eval_set, agents, sampler, task, args, accelerator) -> dict:
     return out | ({"eval/meta_boxed_ratio": sum(leaks) / len(leaks)} if leaks else {})
 
 
-# ---- UPDATE: log-probabilities of the sampled tokens, and PPO epochs over mini- and micro-batches --------------------
-def completion_logprobs(model, batch: dict, temperature: float, autocast, with_entropy: bool = False):
-    """log pi(y_t | x, y_<t) of the sampled tokens: (N, C), and the entropy of pi at each position if asked."""
-    C = batch["completion_ids"].shape[1]
-    with autocast:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits  # (N, C+1, V)
-    # position t predicts completion token t: log softmax(logits_t / T)[y_t] (and the entropy), computed a chunk of
-    # positions at a time, so no (N, C, V) float32 copy of the logits is made (utils/logprobs.py)
-    return token_logprobs(logits, batch["completion_ids"], temperature, with_entropy)
-
-
+# ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
 @torch.no_grad()
 def old_and_ref_logprobs(agent, batch: dict, old: bool, reference: bool, args, autocast) -> None:
     """pi_old (the policy that sampled, recomputed by the trainer, spec 3.5) and / or pi_ref into batch: (N, C)."""
@@ -567,6 +564,7 @@ def main(args: Args) -> None:
     lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
                "policy": args.reas_max_completion_length}
     agents = build_agents(args, accelerator, path, {n: lengths[n] for n in names}, reference=args.beta > 0)
+    warn_if_scales_mix(args, next(iter(agents.values())).unwrapped, world, "rema_single.py")
     set_seed(args.run.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
     preemption = Preemption()  # SIGTERM: stop the step, save the last completed one, exit with status 0
     sampler = make_sampler(args, accelerator, path, tokenizer, preemption, max_model_len=args.vllm.max_model_len)
@@ -580,10 +578,12 @@ def main(args: Args) -> None:
     state = ckpt.resume(args.run.resume, logger) or dict(step=0, phase=0, epoch=0, batch=0, dataset=None, evaluated_at=None)
     progress = RunProgress(run_dir, state["step"], enabled=main_proc, header={
         "run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
-        "schedule": f"{args.schedule}: {' -> '.join(phases)}" + (f", {args.total_steps} steps" if args.schedule == "switch" else ""),
+        "schedule": f"{args.schedule}: {' -> '.join(phases[:len(names)])} ({len(phases)} phases"
+                    + (f", {args.total_steps} steps)" if args.schedule == "switch" else ")"),
         "update": f"{args.advantage_estimator}, {d.steps_per_rollout * args.num_iterations} optimizer step(s) per rollout"
                   + (" (the PPO ratio stays 1)" if d.steps_per_rollout * args.num_iterations == 1 else "")})
-    progress.expect(args.total_steps if args.schedule == "switch" else None)
+    progress.expect(args.total_steps if args.schedule == "switch" else  # each phase: at most its whole pool kept
+                    [phase_steps(n, args.prompt_filter.pool_size or len(train_set), args) for n in phases])
 
     def due_for_eval():  # at the start, every eval_every steps and at the end, once per step
         every = args.run.eval_every and state["step"] % args.run.eval_every == 0
@@ -606,8 +606,8 @@ def main(args: Args) -> None:
                 t0 = time.time()
                 dataset, fstats = build_dataset(agent.name, state["phase"], train_set, agents, sampler, task, args, accelerator)
                 state["dataset"], state["filter_stats"] = dataset, fstats | {"time/filter": time.time() - t0}
-                progress.phase(state["phase"], len(phases), agent.name, fstats,
-                               math.ceil(len(dataset) / args.rollout_batch_size) * args.num_train_epochs)
+                progress.phase(state["phase"], agent.name, fstats,
+                               phase_steps(agent.name, len(dataset), args, built=True))
             dataset = state["dataset"] if args.schedule == "alternate" else train_set  # switch: the whole train set
             perm = list(range(len(dataset)))
             random.Random(args.run.seed * 7919 + state["phase"] * 101 + state["epoch"]).shuffle(perm)

@@ -3,6 +3,7 @@
 #   bash bench/evidence.sh multiturn       # SFT on the protocol, then multi-turn ReMA with the reward mask (15.1)
 #   bash bench/evidence.sh judge           # the judge task offline: format SFT, then VRP and ReMA, then JudgeBench
 #   bash bench/evidence.sh decomposition   # ReMA vs VRP vs MRP on 3-operand expressions, 3 seeds, equal training time
+#   bash bench/evidence.sh vllm            # the importance-sampling correction on vLLM samples (needs setup_vllm.sh)
 # Runs go to $OUT (default runs/evidence); the committed copies (metrics.jsonl, config.json, transcripts.jsonl,
 # tables and plots) go to docs/evidence/<part>/.
 set -euo pipefail
@@ -87,6 +88,16 @@ judge)
   done
   $PY -m utils.plot "$OUT/judge/vrp" "$OUT/judge/rema" --out "$DOCS/judge/curve.png"
   ;;
+vllm)
+  # VRP on a + b with vLLM rollouts, 6 steps: each importance-sampling mode against none (the same seed and samples
+  # at step 1; the weights then differ). vllm/is_weight_mean, vllm/is_capped_frac and the sampler gap per step.
+  mkdir -p "$OUT/vllm" "$DOCS/vllm"
+  for mode in none token_truncate sequence_mask; do
+    .venv-vllm/bin/python rema_single.py --mode vrp --schedule switch --no-filter --total_steps 6 --switch_freq 6 \
+      --backend vllm --vllm.importance_sampling_mode "$mode" --eval_limit 20 --output_dir "$OUT/vllm" --exp_name "$mode"
+    keep "$OUT/vllm/$mode" "$DOCS/vllm/$mode"
+  done
+  ;;
 *)
-  echo "usage: bash bench/evidence.sh multiturn|judge|decomposition" >&2; exit 2 ;;
+  echo "usage: bash bench/evidence.sh multiturn|judge|decomposition|vllm" >&2; exit 2 ;;
 esac

@@ -107,6 +107,8 @@ def vllm_rows(run_dir) -> list[dict]:
         assert r["vllm/sampler_logprob_gap"] < GAP_MAX, r
         assert r["vllm/weight_gap"] == 0.0, r  # the engine holds exactly the trainer's weights (in bf16)
         assert r["time/weight_sync"] >= 0
+        # the default correction, token_truncate at 3: weights near 1 (the two policies barely differ), none above 3
+        assert 0.5 < r["vllm/is_weight_mean"] <= 3.0 and 0.0 <= r["vllm/is_capped_frac"] < 0.05, r
     return rows
 
 

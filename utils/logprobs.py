@@ -67,3 +67,15 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     assert logits.shape[:2] == (tokens.shape[0], tokens.shape[1] + 1), (logits.shape, tokens.shape)
     out = _TokenLogProbs.apply(logits, tokens, temperature, with_entropy)
     return out if with_entropy else (out, None)
+
+
+def completion_logprobs(model, batch: dict, temperature: float, autocast, with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) of the tokens after the prompt of a collated batch (utils/batch.py): (N, C), and the
+    entropy of pi at each position if asked (else None)."""
+    C = batch["completion_ids"].shape[1]
+    with autocast:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=C + 1, use_cache=False).logits  # (N, C+1, V)
+    # position t predicts completion token t: log softmax(logits_t / T)[y_t] (and the entropy), computed a chunk of
+    # positions at a time, so no (N, C, V) float32 copy of the logits is made
+    return token_logprobs(logits, batch["completion_ids"], temperature, with_entropy)

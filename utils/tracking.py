@@ -107,17 +107,23 @@ class RunProgress:
             print(f"logs: {run_dir}/metrics.jsonl (one row per step), config.json, transcripts.jsonl; watch with "
                   f"`tensorboard --logdir {run_dir}/tensorboard`; plot with `python -m utils.plot {run_dir} --out curve.png`")
         self.bar = tqdm(desc="train", unit="step", initial=initial_step, disable=not enabled, dynamic_ncols=True)
+        self.plan: list[int] | None = None  # a phased run: the steps of each phase
 
-    def expect(self, total_steps: int | None) -> None:
-        """The run's length in steps (None: not known yet; a phased run learns it phase by phase)."""
-        self.bar.total = total_steps
+    def expect(self, steps: int | list[int]) -> None:
+        """The run's length: a number of steps, or the steps of each phase (estimates, replaced phase by phase)."""
+        self.plan = steps if isinstance(steps, list) else None
+        self.bar.total = sum(steps) if isinstance(steps, list) else steps
         self.bar.refresh()
 
-    def phase(self, phase: int, num_phases: int, agent: str, stats: dict, steps: int) -> None:
-        """A phase begins with `steps` steps; the phases after it are assumed to take as many (the ETA's estimate)."""
-        self.expect(self.done + steps * (num_phases - phase))
+    def phase(self, phase: int, agent: str, stats: dict, steps: int) -> None:
+        """A phase begins with `steps` steps (its dataset is built): the total becomes the steps done, this phase's,
+        and the estimates of the phases after it."""
+        if self.plan is not None:
+            self.plan[phase] = steps
+            self.bar.total = self.done + sum(self.plan[phase:])
+            self.bar.refresh()
         if self.enabled:
-            self.bar.write(f"phase {phase + 1}/{num_phases} ({agent}): {steps} steps; " +
+            self.bar.write(f"phase {phase + 1}/{len(self.plan or [0])} ({agent}): {steps} steps; " +
                            ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in stats.items()))
 
     def step(self, step: int, shown: dict[str, float]) -> None:
