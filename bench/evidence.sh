@@ -49,8 +49,8 @@ multiturn)
   mkdir -p "$OUT/multiturn" "$DOCS/multiturn"
   $PY eval.py --method rema_multiturn --datasets arithmetic "${TASK[@]}" "${LIMITS[@]}" --stop_when_truncated True \
     --limit 50 --output_dir "$OUT/multiturn" --exp_name eval_before_sft
-  $PY sft.py --datasets arithmetic "${TASK[@]}" --limit 800 --num_train_epochs 2 --learning_rate 5e-5 \
-    --output_dir "$OUT/multiturn/sft"
+  $PY sft.py --datasets arithmetic "${TASK[@]}" --limit 400 --num_train_epochs 1 --learning_rate 1e-4 \
+    --no-gradient_checkpointing --output_dir "$OUT/multiturn/sft"
   $PY rema_multiturn.py --model "$OUT/multiturn/sft/model" "${TASK[@]}" "${LIMITS[@]}" --mask_unfinished_reward \
     --stop_when_truncated --temperature 1.0 --total_steps 30 --eval_every 10 --eval_limit 50 --transcripts_every 5 \
     --output_dir "$OUT/multiturn" --exp_name rl
@@ -66,7 +66,8 @@ judge)
   # by side on one core each; then every trained model is evaluated on the held-out pairs and on all of JudgeBench.
   mkdir -p "$OUT/judge" "$DOCS/judge"
   $PY sft.py --datasets arithmetic-judge --arithmetic.max_operand 20 --arithmetic.num_operands 2 \
-    --arithmetic.operations "+" --limit 1200 --num_train_epochs 1 --learning_rate 5e-5 --output_dir "$OUT/judge/sft"
+    --arithmetic.operations "+" --limit 200 --num_train_epochs 1 --learning_rate 1e-4 --no-gradient_checkpointing \
+    --output_dir "$OUT/judge/sft"
   for mode in vrp rema; do
     OMP_NUM_THREADS=1 $PY rema_single.py --task judge --mode "$mode" --model "$OUT/judge/sft/model" \
       --num_update_iterations 20 --max_minutes 20 --eval_every 5 --eval_limit 100 --transcripts_every 5 \

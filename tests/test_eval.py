@@ -199,11 +199,12 @@ def test_judge_on_rewardbench_takes_its_test_split(tmp_path, tiny_model):
             for i in range(12) for s in ("chat", "math")]
     rb = tmp_path / "rb.jsonl"
     rb.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a prompt is shared by its chat and math rows: units of 4 items (2 rows, both orders) that stay whole
     out, _ = run(tmp_path, tiny_model, "--task", "judge", "--method", "vrp", "--datasets", str(rb),
-                 "--judge.train_size", "30", "--judge.test_size", "10")
+                 "--judge.train_size", "32", "--judge.test_size", "8")
     from utils.judge_data import load_judge_examples
 
-    test = load_judge_examples(str(rb), "test", train_size=30, test_size=10)
+    test = load_judge_examples(str(rb), "test", train_size=32, test_size=8)
     judged = {r["question"] for r in records(out)}
     assert judged == {t["question"] for t in test}  # the test split's instructions, none of the training split's
     assert len(records(out)) == len(test)  # each pair once per order: the A>B items, judged as given and swapped

@@ -134,10 +134,13 @@ def test_builtin_sources_protocol_conversations_and_judge_format(tmp_path, tiny_
     assert meta[-1]["content"].endswith(prompts.FINISH_FLAG) and "\\boxed{" in reas[-1]["content"]
     assert len(meta) == len(reas) == 1 + 2 * 2  # two operations, two turns each side
     assert meta[3]["content"] == reas[2]["content"]  # the RA's first reply is the MTA's second user turn
-    demos = format_demonstrations(arithmetic_pairs(cfg, "train"), seed=0)
+    pairs = arithmetic_pairs(cfg, "train")
+    assert len(pairs) == 80  # each question's pair in both orders
+    demos = format_demonstrations(pairs, seed=0)
     verdicts = [parse_verdict(r["output"]) for r in demos]
-    assert all(v in ("A", "B") for i, v in enumerate(verdicts) if i % 4 != 2) and verdicts[2::4] == [None] * 40
-    assert 0.3 < sum(v == "A" for v in verdicts if v) / 120 < 0.7  # drawn at random
+    assert len(demos) == 4 * 80  # VRP, MRP, the MTA's plan, the RA following it
+    assert all(v in ("A", "B") for i, v in enumerate(verdicts) if i % 4 != 2) and verdicts[2::4] == [None] * 80
+    assert 0.3 < sum(v == "A" for v in verdicts if v) / 240 < 0.7  # drawn at random
     for source in ("arithmetic", "arithmetic-judge"):
         out = tmp_path / source
         proc = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(tiny_model), "--datasets", source,
