@@ -49,8 +49,8 @@ class Args:
     """LlamaFactory alpaca-with-history .jsonl / .json / .parquet files or hub ids, mixed (paper: both agents' views);
     'arithmetic': conversations that show the protocol on the built-in task's train split (utils/data.py,
     arithmetic_conversations; both views), so that a small model learns to end with [FINISH]; 'arithmetic-judge':
-    the judge prompts of every method answered with a verdict drawn at random (utils/judge_data.py,
-    format_demonstrations): the verdict format, and nothing of which response is right"""
+    the judge prompts of every method answered with the question worked out, then a verdict drawn at random
+    (utils/judge_data.py, format_demonstrations): the format, and nothing of which response is right"""
     arithmetic: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(max_operand=20, num_operands=3, operations="+-", train_size=1000, test_size=100))
     """--datasets arithmetic: the built-in task (its test split is never trained on)"""
     system_prompt: Literal["data", "rl"] = "data"

@@ -19,6 +19,25 @@ keep() {  # keep() <run dir> <docs dir>: the files a reader needs to check a run
   [ -s "$1"/transcripts.jsonl ] && cp "$1"/transcripts.jsonl "$2"/ || true
 }
 
+judge_eval() {  # the judge part's evaluation of each trained model: the held-out pairs, and the first 100 JudgeBench
+  # items (50 pairs in both orders; all 700 take hours on one CPU core at these lengths)
+  local mode ckpt data
+  for mode in vrp rema; do
+    ckpt=$(cat "$OUT/judge/$mode/checkpoints/latest")
+    agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/policy")
+    [ "$mode" = rema ] && agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/reasoning" \
+                                  --meta_model "$OUT/judge/$mode/checkpoints/$ckpt/meta_thinking")
+    for data in arithmetic judgebench; do
+      source=(--limit 100); [ "$data" = arithmetic ] && source=(--datasets arithmetic)
+      OMP_NUM_THREADS=1 $PY eval.py --task judge --method "$mode" "${agents[@]}" "${source[@]}" \
+        --max_completion_length 256 --meta_max_completion_length 256 --output_dir "$OUT/judge/eval" \
+        --exp_name "${mode}_$data"
+      cp "$OUT/judge/eval/${mode}_$data/results.md" "$DOCS/judge/${mode}_$data.md"
+    done
+    keep "$OUT/judge/$mode" "$DOCS/judge/$mode"
+  done
+}
+
 case "${1:-}" in
 decomposition)
   # 3 operands in 1..3, + - *, with parentheses ("What is (3 - 1) * 2?"): the untrained model answers 18% (VRP) and
@@ -63,7 +82,7 @@ judge)
   # Pair ranking offline on the built-in pairs (a + b with a, b in 1..20; the wrong response off by 1..10, both
   # orders). The untrained model never writes a verdict, so a format-only SFT comes first (verdicts drawn at random:
   # utils/judge_data.py format_demonstrations); then VRP and ReMA train 20 minutes each (evaluation excluded), side
-  # by side on one core each; then every trained model is evaluated on the held-out pairs and on all of JudgeBench.
+  # by side on one core each; then every trained model is evaluated on the held-out pairs and on 100 JudgeBench items.
   mkdir -p "$OUT/judge" "$DOCS/judge"
   $PY sft.py --datasets arithmetic-judge --arithmetic.max_operand 20 --arithmetic.num_operands 2 \
     --arithmetic.operations "+" --limit 200 --num_train_epochs 1 --learning_rate 1e-4 --no-gradient_checkpointing \
@@ -74,19 +93,12 @@ judge)
       --output_dir "$OUT/judge" --exp_name "$mode" > "$OUT/judge/$mode.log" 2>&1 &
   done
   wait
-  for mode in vrp rema; do
-    ckpt=$(cat "$OUT/judge/$mode/checkpoints/latest")
-    agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/policy")
-    [ "$mode" = rema ] && agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/reasoning" \
-                                  --meta_model "$OUT/judge/$mode/checkpoints/$ckpt/meta_thinking")
-    for data in arithmetic judgebench; do
-      source=(); [ "$data" = arithmetic ] && source=(--datasets arithmetic)
-      $PY eval.py --task judge --method "$mode" "${agents[@]}" "${source[@]}" --max_completion_length 256 \
-        --meta_max_completion_length 256 --output_dir "$OUT/judge/eval" --exp_name "${mode}_$data"
-      cp "$OUT/judge/eval/${mode}_$data/results.md" "$DOCS/judge/${mode}_$data.md"
-    done
-    keep "$OUT/judge/$mode" "$DOCS/judge/$mode"
-  done
+  judge_eval
+  $PY -m utils.plot "$OUT/judge/vrp" "$OUT/judge/rema" --out "$DOCS/judge/curve.png"
+  ;;
+judge-eval)  # the judge part's evaluations again, on the models it trained
+  mkdir -p "$DOCS/judge"
+  judge_eval
   $PY -m utils.plot "$OUT/judge/vrp" "$OUT/judge/rema" --out "$DOCS/judge/curve.png"
   ;;
 vllm)
@@ -100,5 +112,5 @@ vllm)
   done
   ;;
 *)
-  echo "usage: bash bench/evidence.sh multiturn|judge|decomposition|vllm" >&2; exit 2 ;;
+  echo "usage: bash bench/evidence.sh multiturn|judge|judge-eval|decomposition|vllm" >&2; exit 2 ;;
 esac

@@ -121,7 +121,8 @@ def test_sft_bad_row_names_file_line_and_field(tmp_path, tiny_model):
 
 def test_builtin_sources_protocol_conversations_and_judge_format(tmp_path, tiny_model):
     """--datasets arithmetic: conversations that end the protocol with [FINISH] and a boxed answer (both views);
-    --datasets arithmetic-judge: every judge prompt answered with a verdict drawn at random."""
+    --datasets arithmetic-judge: every judge prompt answered with the question worked out, then a verdict drawn at
+    random."""
     from utils.data import ArithmeticConfig, arithmetic_conversations
     from utils.grading import parse_verdict
     from utils.judge_data import arithmetic_pairs, format_demonstrations
@@ -141,6 +142,10 @@ def test_builtin_sources_protocol_conversations_and_judge_format(tmp_path, tiny_
     assert len(demos) == 4 * 80  # VRP, MRP, the MTA's plan, the RA following it
     assert all(v in ("A", "B") for i, v in enumerate(verdicts) if i % 4 != 2) and verdicts[2::4] == [None] * 80
     assert 0.3 < sum(v == "A" for v in verdicts if v) / 240 < 0.7  # drawn at random
+    right = pairs[0]["response_A"] if pairs[0]["label"] == "A>B" else pairs[0]["response_B"]
+    work = right.split(". The answer is")[0]
+    assert work.count("=") == 2 and all(work in demos[i]["output"] for i in (0, 1, 3))  # the right steps, all methods
+    assert pairs[1]["question"] == pairs[0]["question"] and work in demos[4]["output"]  # whichever order
     for source in ("arithmetic", "arithmetic-judge"):
         out = tmp_path / source
         proc = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(tiny_model), "--datasets", source,

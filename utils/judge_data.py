@@ -417,12 +417,14 @@ def arithmetic_pairs(cfg: ArithmeticConfig, split: str, *, max_error: int = 10, 
 
 
 def format_demonstrations(items: list[dict], seed: int = 0) -> list[dict]:
-    """Rows for `sft.py --datasets arithmetic-judge` that teach the judge prompts' output format and nothing of the
-    task. The untrained SmolLM2-135M never writes a verdict (0 of 64 sampled VRP replies on arithmetic pairs), so RL
-    alone gets no signal; these rows answer each prompt of every method (VRP, MRP, the MTA's plan, the RA following
-    it) with a neutral sentence and a verdict drawn at random, right half the time: after them a model writes
-    [[A]] / [[B]], and which one is right is left for RL to learn. LlamaFactory "alpaca with history" rows, the shape
-    sft.py reads."""
+    """Rows for `sft.py --datasets arithmetic-judge` that teach the judge prompts' output format, and not which
+    response is right. The untrained SmolLM2-135M never writes a verdict (0 of 64 sampled VRP replies on arithmetic
+    pairs), so RL alone gets no signal. Each prompt of every method (VRP, MRP, the MTA's plan, the RA following it)
+    is answered with the question worked out (the right response's steps, "4 + 3 = 7") and then a verdict drawn at
+    random, right half the time: after them a model works the answer out and writes [[A]] / [[B]], and choosing the
+    response that agrees with its own working is left for RL to learn. (A first version answered with a neutral
+    sentence and no working; RL then stayed at chance: docs/judge.md.) LlamaFactory "alpaca with history" rows, the
+    shape sft.py reads."""
     from utils import prompts
 
     rng = random.Random(seed)
@@ -435,11 +437,12 @@ def format_demonstrations(items: list[dict], seed: int = 0) -> list[dict]:
     rows = []
     for it in items:
         q, a, b = it["question"], it["response_A"], it["response_B"]
+        work = (a if it["label"] == "A>B" else b).split(". The answer is")[0]  # "4 + 3 = 7"
         verdicts = [f"[[{rng.choice('AB')}]]" for _ in range(3)]
-        rows += [row(prompts.judge_vrp_messages(q, a, b), f"I compare the two responses to the question. {verdicts[0]}"),
-                 row(prompts.judge_mrp_messages(q, a, b), f"Plan: {plan} Following the plan, I compare them. {verdicts[1]}"),
+        rows += [row(prompts.judge_vrp_messages(q, a, b), f"Working it out: {work}. {verdicts[0]}"),
+                 row(prompts.judge_mrp_messages(q, a, b), f"Plan: {plan} Following the plan: {work}. {verdicts[1]}"),
                  row(prompts.judge_meta_messages(q), plan),
-                 row(prompts.judge_reas_messages(q, a, b, plan), f"Following the plan, I compare them. {verdicts[2]}")]
+                 row(prompts.judge_reas_messages(q, a, b, plan), f"Following the plan: {work}. {verdicts[2]}")]
     return rows
 
 
