@@ -38,7 +38,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from utils import prompts
-from utils.config import GradingArgs, JudgeArgs, VLLMEngineArgs, arithmetic_default
+from utils.config import GradingArgs, JudgeArgs, VLLMEngineArgs, arithmetic_default, fast_bf16
 from utils.data import ArithmeticConfig, DataError, load_examples
 from utils.distributed import make_accelerator
 from utils.generation import generate
@@ -107,8 +107,8 @@ class Args:
     vllm: VLLMEngineArgs = field(default_factory=VLLMEngineArgs)
     chunk_size: int = 256
     """questions generated and written to the JSONL between progress updates (the unit of resumption)"""
-    bf16: bool = True
-    """bfloat16 autocast over float32 weights"""
+    bf16: bool = field(default_factory=fast_bf16)
+    """bfloat16 autocast over float32 weights; default: on where the hardware computes bf16 (utils/config.py)"""
     output_dir: str = "eval_results"
     """parent directory of result directories"""
     exp_name: str | None = None

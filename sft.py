@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from utils import prompts
 from utils.data import ArithmeticConfig, DataError, arithmetic_conversations, load_examples
+from utils.config import fast_bf16
 from utils.distributed import make_accelerator
 from utils.judge_data import arithmetic_pairs, format_demonstrations
 from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
@@ -75,8 +76,8 @@ class Args:
     """conversations per forward/backward on each process"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm"""
-    bf16: bool = True
-    """bfloat16 autocast over float32 weights"""
+    bf16: bool = field(default_factory=fast_bf16)
+    """bfloat16 autocast over float32 weights; default: on where the hardware computes bf16 (utils/config.py)"""
     gradient_checkpointing: bool = True
     """recompute activations in the backward pass to save memory"""
     seed: int = 1

