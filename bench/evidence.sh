@@ -20,9 +20,16 @@ keep() {  # keep() <run dir> <docs dir>: the files a reader needs to check a run
 }
 
 judge_eval() {  # the judge part's evaluation of each trained model: the held-out pairs, and the first 100 JudgeBench
-  # items (50 pairs in both orders; all 700 take hours on one CPU core at these lengths)
-  local mode ckpt data
-  for mode in vrp rema; do
+  # items (50 pairs in both orders; all 700 take hours on one CPU core at these lengths); VRP and ReMA side by side
+  local vrp rema
+  judge_eval_one vrp & vrp=$!
+  judge_eval_one rema & rema=$!
+  wait $vrp && wait $rema
+}
+
+judge_eval_one() {  # judge_eval_one <mode>
+  local mode=$1 ckpt data agents source
+  {
     ckpt=$(cat "$OUT/judge/$mode/checkpoints/latest")
     agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/policy")
     [ "$mode" = rema ] && agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/reasoning" \
@@ -35,7 +42,7 @@ judge_eval() {  # the judge part's evaluation of each trained model: the held-ou
       cp "$OUT/judge/eval/${mode}_$data/results.md" "$DOCS/judge/${mode}_$data.md"
     done
     keep "$OUT/judge/$mode" "$DOCS/judge/$mode"
-  done
+  } > "$OUT/judge/eval_$mode.log" 2>&1
 }
 
 case "${1:-}" in
@@ -62,7 +69,9 @@ decomposition)
 multiturn)
   # 3 operands in 1..9 with + and - ("What is 7 - 2 + 5?"): two operations, so a conversation that does one per turn
   # has two turns. SFT on conversations that show the protocol (utils/data.py arithmetic_conversations, train split),
-  # then multi-turn RL with the paper's format reward (the [FINISH] mask) and stop-on-truncation, at temperature 1.
+  # then multi-turn RL with the paper's format reward (the [FINISH] mask) and stop-on-truncation, at temperature 1,
+  # for 30 steps or 35 training minutes (evaluation excluded), whichever ends first. One core (OMP_NUM_THREADS=1).
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   TASK=(--arithmetic.max_operand 9 --arithmetic.num_operands 3 --arithmetic.operations "+-")
   LIMITS=(--max_turns 3 --max_completion_length 48 --max_context_length 512)
   mkdir -p "$OUT/multiturn" "$DOCS/multiturn"
@@ -71,8 +80,8 @@ multiturn)
   $PY sft.py --datasets arithmetic "${TASK[@]}" --limit 400 --num_train_epochs 1 --learning_rate 1e-4 \
     --no-gradient_checkpointing --output_dir "$OUT/multiturn/sft"
   $PY rema_multiturn.py --model "$OUT/multiturn/sft/model" "${TASK[@]}" "${LIMITS[@]}" --mask_unfinished_reward \
-    --stop_when_truncated --temperature 1.0 --total_steps 30 --eval_every 10 --eval_limit 50 --transcripts_every 5 \
-    --output_dir "$OUT/multiturn" --exp_name rl
+    --stop_when_truncated --temperature 1.0 --total_steps 30 --max_minutes 35 --eval_every 5 --eval_limit 50 \
+    --transcripts_every 5 --output_dir "$OUT/multiturn" --exp_name rl
   keep "$OUT/multiturn/rl" "$DOCS/multiturn/rl"
   cp "$OUT/multiturn/eval_before_sft/results.md" "$DOCS/multiturn/eval_before_sft.md"
   cp "$OUT/multiturn/sft/metrics.jsonl" "$DOCS/multiturn/sft_metrics.jsonl"
