@@ -106,7 +106,9 @@ class RunProgress:
                 print(f"{key}: {value}")
             print(f"logs: {run_dir}/metrics.jsonl (one row per step), config.json, transcripts.jsonl; watch with "
                   f"`tensorboard --logdir {run_dir}/tensorboard`; plot with `python -m utils.plot {run_dir} --out curve.png`")
-        self.bar = tqdm(desc="train", unit="step", initial=initial_step, disable=not enabled, dynamic_ncols=True)
+        # (delay: the bar is first drawn by expect(), with its total, not before as "0step")
+        self.bar = tqdm(desc="train", unit="step", initial=initial_step, disable=not enabled, dynamic_ncols=True,
+                        delay=1e-3)
         self.plan: list[int] | None = None  # a phased run: the steps of each phase
 
     def expect(self, steps: int | list[int]) -> None:
