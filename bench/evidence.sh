@@ -96,6 +96,7 @@ judge)
   $PY sft.py --datasets arithmetic-judge --arithmetic.max_operand 20 --arithmetic.num_operands 2 \
     --arithmetic.operations "+" --limit 200 --num_train_epochs 1 --learning_rate 1e-4 --no-gradient_checkpointing \
     --output_dir "$OUT/judge/sft"
+  cp "$OUT/judge/sft/metrics.jsonl" "$DOCS/judge/sft_metrics.jsonl"
   for mode in vrp rema; do
     OMP_NUM_THREADS=1 $PY rema_single.py --task judge --mode "$mode" --model "$OUT/judge/sft/model" \
       --num_update_iterations 20 --max_minutes 20 --eval_every 5 --eval_limit 100 --transcripts_every 5 \
