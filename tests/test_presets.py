@@ -79,3 +79,21 @@ def test_cpu_sizes_on_a_large_model_say_so(capsys):
     warn_if_scales_mix(rs.Args(preset="paper-qwen2.5-7b"), big, 8, "rema_single.py")
     warn_if_scales_mix(rs.Args(), torch.nn.Linear(4, 4), 1, "rema_single.py")
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("cuda,cuda_bf16,cpu_bf16,expected", [
+    (True, True, False, True),     # a GPU with bf16 (Ampere and later)
+    (True, False, True, False),    # a GPU without it: the CPU's answer does not matter
+    (False, False, True, True),    # a CPU with AVX-512 / AMX
+    (False, False, False, False),  # an AVX2-only CPU: emulated bf16, 4x slower than float32
+])
+def test_bf16_defaults_to_on_only_where_the_hardware_computes_it(monkeypatch, cuda, cuda_bf16, cpu_bf16, expected):
+    import torch
+
+    from utils.config import fast_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
+    assert fast_bf16() is expected
+    assert rs.Args().lm.bf16 is expected and mt.Args().lm.bf16 is expected  # every script's default asks it

@@ -121,7 +121,7 @@ class ModelArgs:
     agent (raise --learning_rate to ~1e-4 for LoRA)"""
     bf16: bool = field(default_factory=fast_bf16)
     """bfloat16 autocast for forward passes and generation (weights and optimizer stay float32); default: on where
-    the hardware computes bf16 (fast_bf16 below)"""
+    the hardware computes bf16 (fast_bf16 above)"""
     gradient_checkpointing: bool = True
     """recompute activations in the backward pass to save memory"""
 
