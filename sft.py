@@ -50,10 +50,13 @@ class Args:
     """LlamaFactory alpaca-with-history .jsonl / .json / .parquet files or hub ids, mixed (paper: both agents' views);
     'arithmetic': conversations that show the protocol on the built-in task's train split (utils/data.py,
     arithmetic_conversations; both views), so that a small model learns to end with [FINISH]; 'arithmetic-judge':
-    the judge prompts of every method answered with the question worked out, then a verdict drawn at random
-    (utils/judge_data.py, format_demonstrations): the format, and nothing of which response is right"""
+    the judge prompts of every method answered with the question worked out, then a verdict (--judge_verdicts;
+    utils/judge_data.py, format_demonstrations)"""
     arithmetic: ArithmeticConfig = field(default_factory=lambda: ArithmeticConfig(max_operand=20, num_operands=3, operations="+-", train_size=1000, test_size=100))
     """--datasets arithmetic: the built-in task (its test split is never trained on)"""
+    judge_verdicts: Literal["random", "right"] = "random"
+    """--datasets arithmetic-judge: a verdict drawn at random (the format, and nothing of which response is right),
+    or the response that agrees with the working, named (the procedure)"""
     system_prompt: Literal["data", "rl"] = "data"
     """meta-thinking system prompt: the data's own, or the one rema_multiturn.py uses in RL"""
     reas_finish: Literal["keep", "strip"] = "keep"
@@ -146,7 +149,7 @@ def main(args: Args) -> None:
         if source == "arithmetic":
             rows = arithmetic_conversations(args.arithmetic, "train")
         elif source == "arithmetic-judge":
-            rows = format_demonstrations(arithmetic_pairs(args.arithmetic, "train"), args.seed)
+            rows = format_demonstrations(arithmetic_pairs(args.arithmetic, "train"), args.seed, args.judge_verdicts)
         else:
             rows = load_examples(source, question_field="instruction", answer_field="output", limit=args.limit)
         for row in rows[: args.limit] if args.limit else rows:

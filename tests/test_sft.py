@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -146,6 +147,21 @@ def test_builtin_sources_protocol_conversations_and_judge_format(tmp_path, tiny_
     work = right.split(". The answer is")[0]
     assert work.count("=") == 2 and all(work in demos[i]["output"] for i in (0, 1, 3))  # the right steps, all methods
     assert pairs[1]["question"] == pairs[0]["question"] and work in demos[4]["output"]  # whichever order
+    # the procedure, with the right verdict: both results listed with their letters, the working, the matching letter
+    right_demos = format_demonstrations(pairs, seed=0, verdicts="right")
+    assert [r["output"] for r in right_demos[2::4]] == [r["output"] for r in demos[2::4]]  # the same plans
+    for i, pair in enumerate(pairs):
+        letter = pair["label"][0]
+        result_a, result_b = (pair[f"response_{x}"].rsplit(" ", 1)[-1].rstrip(".") for x in "AB")
+        right_work = pair[f"response_{letter}"].split(". The answer is")[0]
+        expected = f"Answers: {result_a} from A, {result_b} from B. Working it out: {right_work} from {letter}. [[{letter}]]"
+        assert right_demos[4 * i]["output"] == expected  # VRP
+        assert right_demos[4 * i + 1]["output"].endswith("Following the plan: " + expected)  # MRP
+        assert right_demos[4 * i + 3]["output"] == "Following the plan: " + expected  # the RA
+        assert result_a != result_b and right_work.endswith(" = " + (result_a if letter == "A" else result_b))
+    assert {p["label"] for p in pairs} == {"A>B", "B>A"}  # both letters are taught
+    with pytest.raises(ValueError, match="verdicts"):
+        format_demonstrations(pairs, verdicts="best")
     for source in ("arithmetic", "arithmetic-judge"):
         out = tmp_path / source
         proc = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--model", str(tiny_model), "--datasets", source,

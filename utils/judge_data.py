@@ -416,17 +416,25 @@ def arithmetic_pairs(cfg: ArithmeticConfig, split: str, *, max_error: int = 10, 
     return [_check_item(item, f"arithmetic pairs ({split} item {i})") for i, item in enumerate(pair_items(rows), start=1)]
 
 
-def format_demonstrations(items: list[dict], seed: int = 0) -> list[dict]:
-    """Rows for `sft.py --datasets arithmetic-judge` that teach the judge prompts' output format, and not which
-    response is right. The untrained SmolLM2-135M never writes a verdict (0 of 64 sampled VRP replies on arithmetic
-    pairs), so RL alone gets no signal. Each prompt of every method (VRP, MRP, the MTA's plan, the RA following it)
-    is answered with the question worked out (the right response's steps, "4 + 3 = 7") and then a verdict drawn at
-    random, right half the time: after them a model works the answer out and writes [[A]] / [[B]], and choosing the
-    response that agrees with its own working is left for RL to learn. (A first version answered with a neutral
-    sentence and no working; RL then stayed at chance: docs/judge.md.) LlamaFactory "alpaca with history" rows, the
-    shape sft.py reads."""
+def format_demonstrations(items: list[dict], seed: int = 0, verdicts: Literal["random", "right"] = "random") -> list[dict]:
+    """Rows for `sft.py --datasets arithmetic-judge` that teach the judge prompts' output format. The untrained
+    SmolLM2-135M never writes a verdict (0 of 64 sampled VRP replies on arithmetic pairs), so RL alone gets no signal.
+    Each prompt of every method (VRP, MRP, the MTA's plan, the RA following it) is answered with the question worked
+    out (the right response's steps, "4 + 3 = 7") and then a verdict:
+    - ``verdicts="random"``: drawn at random, right half the time. This teaches the format and not which response is
+      right; choosing the response that agrees with the model's own working is left for RL to learn (measured: RL
+      did not learn it in 4-15 steps, docs/results.md).
+    - ``verdicts="right"``: the procedure, with the right verdict: each response's result listed with its letter,
+      then the working, then the letter of the result it matches ("Answers: 28 from A, 38 from B. Working it out:
+      18 + 10 = 28 from A. [[A]]"). Once the working is written the letter is a copy (the model's induction from
+      "28 from" to what followed it before); how well the model works out questions it was not shown, and so
+      judges them, is what RL can improve.
+    (A first version answered with a neutral sentence and no working; RL then stayed at chance: docs/judge.md.)
+    LlamaFactory "alpaca with history" rows, the shape sft.py reads."""
     from utils import prompts
 
+    if verdicts not in ("random", "right"):
+        raise ValueError(f"format_demonstrations: verdicts must be 'random' or 'right', got {verdicts!r}")
     rng = random.Random(seed)
     plan = "Work out the correct answer to the question yourself, then check which response gives it."
 
@@ -438,11 +446,17 @@ def format_demonstrations(items: list[dict], seed: int = 0) -> list[dict]:
     for it in items:
         q, a, b = it["question"], it["response_A"], it["response_B"]
         work = (a if it["label"] == "A>B" else b).split(". The answer is")[0]  # "4 + 3 = 7"
-        verdicts = [f"[[{rng.choice('AB')}]]" for _ in range(3)]
-        rows += [row(prompts.judge_vrp_messages(q, a, b), f"Working it out: {work}. {verdicts[0]}"),
-                 row(prompts.judge_mrp_messages(q, a, b), f"Plan: {plan} Following the plan: {work}. {verdicts[1]}"),
+        if verdicts == "random":  # "Working it out: 4 + 3 = 7. [[B]]"
+            vrp, mrp, ra = (f"{work}. [[{rng.choice('AB')}]]" for _ in range(3))
+            vrp = f"Working it out: {vrp}"
+        else:  # "Answers: 7 from A, 9 from B. Working it out: 4 + 3 = 7 from A. [[A]]"
+            right = it["label"][0]
+            results = " from A, ".join(r.split("The answer is ")[-1].rstrip(".") for r in (a, b)) + " from B"
+            vrp = mrp = ra = f"Answers: {results}. Working it out: {work} from {right}. [[{right}]]"
+        rows += [row(prompts.judge_vrp_messages(q, a, b), vrp),
+                 row(prompts.judge_mrp_messages(q, a, b), f"Plan: {plan} Following the plan: {mrp}"),
                  row(prompts.judge_meta_messages(q), plan),
-                 row(prompts.judge_reas_messages(q, a, b, plan), f"Following the plan: {work}. {verdicts[2]}")]
+                 row(prompts.judge_reas_messages(q, a, b, plan), f"Following the plan: {ra}")]
     return rows
 
 
