@@ -20,11 +20,18 @@ keep() {  # keep() <run dir> <docs dir>: the files a reader needs to check a run
 }
 
 judge_eval() {  # the judge part's evaluation of each trained model: the held-out pairs, and the first 100 JudgeBench
-  # items (50 pairs in both orders; all 700 take hours on one CPU core at these lengths); VRP and ReMA side by side
-  local vrp rema
+  # items (50 pairs in both orders; all 700 take hours on one CPU core at these lengths); VRP and ReMA side by side;
+  # then the SFT model (before RL) on the held-out pairs, as VRP and as both ReMA agents
+  local vrp rema mode
   judge_eval_one vrp & vrp=$!
   judge_eval_one rema & rema=$!
   wait $vrp && wait $rema
+  for mode in vrp rema; do
+    OMP_NUM_THREADS=1 $PY eval.py --task judge --method $mode --model "$OUT/judge/sft/model" --datasets arithmetic \
+      --max_completion_length 256 --meta_max_completion_length 256 --output_dir "$OUT/judge/eval" \
+      --exp_name "sft_${mode}_arithmetic" > "$OUT/judge/eval_sft_$mode.log" 2>&1
+    cp "$OUT/judge/eval/sft_${mode}_arithmetic/results.md" "$DOCS/judge/sft_${mode}_arithmetic.md"
+  done
 }
 
 judge_eval_one() {  # judge_eval_one <mode>
