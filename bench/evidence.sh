@@ -27,29 +27,30 @@ judge_eval() {  # the judge part's evaluation of each trained model: the held-ou
   judge_eval_one rema & rema=$!
   wait $vrp && wait $rema
   for mode in vrp rema; do
-    OMP_NUM_THREADS=1 $PY eval.py --task judge --method $mode --model "$OUT/judge/sft/model" --datasets arithmetic \
-      --max_completion_length 256 --meta_max_completion_length 256 --output_dir "$OUT/judge/eval" \
-      --exp_name "sft_${mode}_arithmetic" > "$OUT/judge/eval_sft_$mode.log" 2>&1
-    cp "$OUT/judge/eval/sft_${mode}_arithmetic/results.md" "$DOCS/judge/sft_${mode}_arithmetic.md"
+    judge_eval_py "$mode" "sft_${mode}_arithmetic" --model "$OUT/judge/sft/model" --datasets arithmetic \
+      > "$OUT/judge/eval_sft_$mode.log" 2>&1
   done
 }
 
-judge_eval_one() {  # judge_eval_one <mode>
-  local mode=$1 ckpt data agents source
+judge_eval_one() {  # judge_eval_one <mode>: the trained checkpoint on the held-out pairs and on JudgeBench
+  local mode=$1 ckpt agents
   {
     ckpt=$(cat "$OUT/judge/$mode/checkpoints/latest")
     agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/policy")
     [ "$mode" = rema ] && agents=(--model "$OUT/judge/$mode/checkpoints/$ckpt/reasoning" \
                                   --meta_model "$OUT/judge/$mode/checkpoints/$ckpt/meta_thinking")
-    for data in arithmetic judgebench; do
-      source=(--limit 100); [ "$data" = arithmetic ] && source=(--datasets arithmetic)
-      OMP_NUM_THREADS=1 $PY eval.py --task judge --method "$mode" "${agents[@]}" "${source[@]}" \
-        --max_completion_length 256 --meta_max_completion_length 256 --output_dir "$OUT/judge/eval" \
-        --exp_name "${mode}_$data"
-      cp "$OUT/judge/eval/${mode}_$data/results.md" "$DOCS/judge/${mode}_$data.md"
-    done
+    judge_eval_py "$mode" "${mode}_arithmetic" "${agents[@]}" --datasets arithmetic
+    judge_eval_py "$mode" "${mode}_judgebench" "${agents[@]}" --limit 100
     keep "$OUT/judge/$mode" "$DOCS/judge/$mode"
   } > "$OUT/judge/eval_$mode.log" 2>&1
+}
+
+judge_eval_py() {  # judge_eval_py <method> <name> <eval.py args...>: one evaluation, its table copied to the docs
+  local method=$1 name=$2
+  shift 2
+  OMP_NUM_THREADS=1 $PY eval.py --task judge --method "$method" "$@" --max_completion_length 256 \
+    --meta_max_completion_length 256 --output_dir "$OUT/judge/eval" --exp_name "$name"
+  cp "$OUT/judge/eval/$name/results.md" "$DOCS/judge/$name.md"
 }
 
 case "${1:-}" in

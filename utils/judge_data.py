@@ -451,8 +451,9 @@ def format_demonstrations(items: list[dict], seed: int = 0, verdicts: Literal["r
             vrp = f"Working it out: {vrp}"
         else:  # "Answers: 7 from A, 9 from B. Working it out: 4 + 3 = 7 from A. [[A]]"
             right = it["label"][0]
-            results = " from A, ".join(r.split("The answer is ")[-1].rstrip(".") for r in (a, b)) + " from B"
-            vrp = mrp = ra = f"Answers: {results}. Working it out: {work} from {right}. [[{right}]]"
+            result_a, result_b = (r.split("The answer is ")[-1].rstrip(".") for r in (a, b))
+            vrp = mrp = ra = (f"Answers: {result_a} from A, {result_b} from B. "
+                              f"Working it out: {work} from {right}. [[{right}]]")
         rows += [row(prompts.judge_vrp_messages(q, a, b), vrp),
                  row(prompts.judge_mrp_messages(q, a, b), f"Plan: {plan} Following the plan: {mrp}"),
                  row(prompts.judge_meta_messages(q), plan),
