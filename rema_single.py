@@ -75,7 +75,7 @@ class Args:
     """alternate: the paper's Algorithm 1 with prompt filtering; switch: the official code's schedule (switch the trained agent every switch_freq steps, no filtering)"""
     num_update_iterations: int = 1
     """#UpdateIteration of Algorithm 1 (paper: 3 for Llama3/3.1-8B, 10 for Qwen2.5-7B on MATH; 1 on RewardBench)"""
-    num_train_epochs: int = 2
+    num_train_epochs: int = 1
     """#TrainingEpisode: RL epochs over the filtered dataset per agent and round (paper: 4 on MATH)"""
     first_agent: Literal["reasoning", "meta_thinking"] = "reasoning"
     """which agent each round trains first (Algorithm 1: the reasoning agent; App. C.4 and the official code: the MTA)"""

@@ -65,7 +65,8 @@ decomposition)
     for ((i = $1; i < ${#runs[@]}; i += 2)); do
       read -r mode seed <<< "${runs[$i]}"
       OMP_NUM_THREADS=1 $PY rema_single.py --mode "$mode" --seed "$seed" "${TASK[@]}" --num_update_iterations 50 \
-        --max_minutes 15 --eval_every 5 --eval_limit 50 --output_dir "$OUT/decomposition" --exp_name "${mode}_s$seed" \
+        --num_train_epochs 2 --max_minutes 15 --eval_every 5 --eval_limit 50 --output_dir "$OUT/decomposition" \
+        --exp_name "${mode}_s$seed" \
         > "$OUT/decomposition/${mode}_s$seed.log" 2>&1
     done
   }
@@ -114,8 +115,8 @@ judge)
   cp "$OUT/judge/sft/metrics.jsonl" "$DOCS/judge/sft_metrics.jsonl"
   for mode in vrp rema; do
     OMP_NUM_THREADS=1 $PY rema_single.py --task judge --mode "$mode" --model "$OUT/judge/sft/model" \
-      --num_update_iterations 20 --max_minutes 20 --eval_every 5 --eval_limit 100 --transcripts_every 5 \
-      --output_dir "$OUT/judge" --exp_name "$mode" > "$OUT/judge/$mode.log" 2>&1 &
+      --num_update_iterations 20 --num_train_epochs 2 --max_minutes 20 --eval_every 5 --eval_limit 100 \
+      --transcripts_every 5 --output_dir "$OUT/judge" --exp_name "$mode" > "$OUT/judge/$mode.log" 2>&1 &
   done
   wait
   judge_eval

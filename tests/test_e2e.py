@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rollout_batch_size", "4", "--num_generations", "4", "--reas_samples_per_plan", "2",
         "--prompt_filter.pool_size", "8", "--prompt_filter.num_samples", "2", "--prompt_filter.eps_min", "0", "--prompt_filter.eps_max", "1",
         "--prompt_filter.plans_per_question", "1", "--meta_max_completion_length", "12", "--reas_max_completion_length", "12",
-        "--eval_limit", "6", "--num_update_iterations", "1", "--save_every", "0", "--grading.workers", "1",
+        "--eval_limit", "6", "--num_update_iterations", "1", "--num_train_epochs", "2", "--save_every", "0", "--grading.workers", "1",
         "--learning_rate", "1e-3"]
 
 
