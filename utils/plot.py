@@ -10,7 +10,16 @@ from pathlib import Path
 
 
 def read(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The run's rows. A resumed run's process starts its clock at 0 again: its rows' times continue from the last
+    row written before the resume, so the x axis stays the run's wall-clock time."""
+    rows, offset = [], 0.0
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if rows and row["time"] + offset < rows[-1]["time"]:
+                offset = rows[-1]["time"]
+            rows.append(row | {"time": row["time"] + offset})
+    return rows
 
 
 def main() -> None:
