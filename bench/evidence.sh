@@ -64,6 +64,15 @@ multiturn_rl() {  # multiturn_rl <model> <lr> <max minutes> <output dir> <name>:
     --max_minutes "$3" --eval_every 5 --eval_limit 50 --transcripts_every 5 --output_dir "$4" --exp_name "$5"
 }
 
+mt_eval() {  # mt_eval <model> <name> <eval.py args...>: 50 held-out questions, greedy; table and conversations kept
+  local model=$1 name=$2
+  shift 2
+  $PY eval.py --method rema_multiturn --model "$model" --datasets arithmetic --limit 50 "$@" \
+    --output_dir "$OUT/multiturn_light" --exp_name "$name"
+  mkdir -p "$DOCS/multiturn_light/$name"
+  cp "$OUT/multiturn_light/$name"/{results.md,generations-0.jsonl} "$DOCS/multiturn_light/$name/"
+}
+
 case "${1:-}" in
 decomposition)
   # 3 operands in 1..3, + - *, with parentheses ("What is (3 - 1) * 2?"): the untrained model answers 18% (VRP) and
@@ -120,7 +129,12 @@ multiturn-light)
       > "$OUT/multiturn_light/rl_lr$lr.log" 2>&1 &
   done
   wait
-  for lr in 1e-5 2e-5; do keep "$OUT/multiturn_light/rl_lr$lr" "$DOCS/multiturn_light/rl_lr$lr"; done
+  mt_eval "$OUT/multiturn_light/sft/model" eval_sft "${MT_TASK[@]}" "${MT_LIMITS[@]}" --stop_when_truncated True
+  for lr in 1e-5 2e-5; do
+    keep "$OUT/multiturn_light/rl_lr$lr" "$DOCS/multiturn_light/rl_lr$lr"
+    mt_eval "$OUT/multiturn_light/rl_lr$lr/checkpoints/$(cat "$OUT/multiturn_light/rl_lr$lr/checkpoints/latest")/policy" \
+      "eval_final_lr$lr"  # the run's task and limits, from its config.json
+  done
   $PY -m utils.plot "$OUT/multiturn_light/rl_lr1e-5" "$OUT/multiturn_light/rl_lr2e-5" \
     --out "$DOCS/multiturn_light/curve.png"
   ;;
