@@ -31,6 +31,7 @@ from utils.grading import (
     final_answer,
     has_boxed,
     prepare_answer,
+    unevaluated,
 )
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -231,6 +232,11 @@ FIXED_ERRORS = [
     ("rounded decimal", r"\boxed{0.333333}", r"\frac{1}{3}", 1.0, 0.0),
     ("rounded decimal", r"\boxed{1.414214}", r"\sqrt{2}", 1.0, 0.0),
     ("unit letter", r"\boxed{2+3d}", "5", 1.0, 0.0),
+    # False positives: an unevaluated sum where the gold is a number (the RA of a multi-turn run learned to stop at
+    # "7 + 1 + 4 = 8 + 4." and was paid for it).
+    ("unevaluated", "7 + 1 + 4 = 8 + 4.", "12", 1.0, 0.0),
+    ("unevaluated", r"\boxed{3 \cdot 4}", "12", 1.0, 0.0),
+    ("unevaluated", r"\boxed{2^3}", "8", 1.0, 0.0),
     # False negatives: several boxes read as a set; \fbox and "\boxed {" not read.
     ("self-correction", r"So \boxed{2}. Wait, that is wrong. Final: \boxed{18}.", "18", 0.0, 1.0),
     ("fbox", r"\fbox{18}", "18", 0.0, 1.0),
@@ -308,7 +314,8 @@ def test_labelled_cases_cover_the_issue():
     assert all(set(c) <= {"response", "gold", "label", "kind", "note"} and c["label"] in (0, 1) for c in cases)
     kinds = {c["kind"] for c in cases}
     assert {"fp_leading_number", "fp_rounded_decimal", "fn_self_correction", "fn_fbox_or_space", "fn_unboxed_latex",
-            "fn_unboxed_list_tuple", "fn_letter_choice", "equivalent_form", "wrong_close", "gold_self"} <= kinds
+            "fn_unboxed_list_tuple", "fn_letter_choice", "equivalent_form", "wrong_close", "gold_self",
+            "fp_unevaluated"} <= kinds
     assert sum(c["kind"] == "gold_self" for c in cases) >= 40
     assert len({(c["response"], c["gold"]) for c in cases}) == len(cases)  # no duplicates
 
@@ -327,7 +334,7 @@ def test_official_disagrees_with_the_labels_both_ways(grader):
     scores = grader.grade([c["response"] for c in cases], [c["gold"] for c in cases])
     false_pos = {c["kind"] for c, s in zip(cases, scores) if c["label"] == 0 and s == 1.0}
     false_neg = {c["kind"] for c, s in zip(cases, scores) if c["label"] == 1 and s == 0.0}
-    assert {"fp_leading_number", "fp_rounded_decimal", "fp_unit_letter"} <= false_pos
+    assert {"fp_leading_number", "fp_rounded_decimal", "fp_unit_letter", "fp_unevaluated"} <= false_pos
     assert {"fn_self_correction", "fn_fbox_or_space", "fn_unboxed_latex", "fn_unboxed_list_tuple",
             "fn_letter_choice"} <= false_neg
 
@@ -409,6 +416,33 @@ def test_final_answer_reads_the_end_of_a_long_reply():
 )
 def test_prepare_answer(answer, expected):
     assert prepare_answer(answer) == expected
+
+
+@pytest.mark.parametrize(
+    "answer, gold, expected",
+    [
+        ("8 + 4", "12", True),
+        (r"3 \cdot 4", "12", True),
+        (r"3\times4", "12", True),
+        ("(-8) + 3", "-5", True),
+        ("2^{3}", "8", True),
+        (r"\frac{1}{2}+\frac{1}{2}", "1", True),
+        ("7 + 1 + 4 = 8 + 4", "12", True),  # the value stated is the last right-hand side
+        ("8 + 4 = 12", "12", False),
+        ("12", "12", False),
+        ("-5", "-5", False),
+        ("x = -5", "-5", False),
+        ("12,000", "12000", False),
+        (r"\frac{1}{2}", "0.5", False),  # a fraction is a number
+        ("24/2", "12", False),  # and so is a fraction in lowest terms or not: "/" is never a sum left to do
+        (r"3 \times 10^{5}", "300000", False),  # scientific notation
+        ("10^3", "1000", False),
+        (r"1 + \sqrt{2}", r"1+\sqrt{2}", False),  # the gold is no plain number: an expression may answer it
+        ("8 + 4", "x + 4", False),
+    ],
+)
+def test_unevaluated(answer, gold, expected):
+    assert unevaluated(answer, gold) == expected
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,10 @@ such as ", which ...", " because ...", " (since ...". Never just its leading num
 MAX_ANSWER_CHARS is no answer. Then X and the gold are prepared alike: trailing units are dropped when
 written as text ("18\text{ cm}", "5 apples", "12 square units"; a curated list of unit words, never a
 bare letter), and plain "pi" becomes "\pi". If the gold is a letter choice ("C", "(C)", "\text{(C)}"),
-the answer must name the same letter. Otherwise both are parsed by math-verify as "\boxed{...}" with the
+the answer must name the same letter. If the gold is a plain number ("12", "-0.5"), an answer that leaves
+a sum to do scores 0 ("8 + 4", "3 \cdot 4", "2^3", in the right-hand side of its last "="; see `unevaluated`):
+math-verify evaluates such an expression, so a reply that restates the question or stops halfway would be
+paid. Otherwise both are parsed by math-verify as "\boxed{...}" with the
 box as the only extraction target (no fallback to a number or fraction found inside, so a partial read
 cannot score) and math-verify's own unit stripping off, and compared with `verify(...,
 float_rounding=FLOAT_ROUNDING)`: a decimal equals a fraction only if it agrees to 12 places, so 0.125 =
@@ -236,6 +239,11 @@ _PLAIN_PI = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])|π")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 _CHOICE = re.compile(r"\(?([A-E])\)?")
 _CHOICE_LENIENT = re.compile(r"\(?([A-Ea-e])\)?|\(([A-Ea-e])\)\s.*", re.DOTALL)  # also "(c)", "(C) 42"
+_PLAIN_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")  # "12", "-3", "0.5", "12,000"
+# Two numbers joined by an operator, as in "8 + 4", "3 \cdot 4", "(-8) + 3", "2^3" ("/" and \frac write a fraction,
+# which is a number), and scientific notation, which is a number too: "3 \times 10^{5}", "10^3".
+_OPERATION = re.compile(r"[\d)}]\s*(?:[-+*^\u00d7\u00f7]|\\cdot|\\times|\\div)\s*[-({\\\d]")
+_SCIENTIFIC = re.compile(r"(?:\d\s*(?:\*|\u00d7|\\times|\\cdot)\s*|^\s*)10\s*\^")
 
 
 def final_answer(text: str) -> str | None:
@@ -368,6 +376,20 @@ def prepare_answer(answer: str) -> str:
         if unit is not None and answer[: unit.start()].strip():
             answer = answer[: unit.start()].strip()
     return _PLAIN_PI.sub(r"\\pi ", answer)
+
+
+def unevaluated(answer: str, gold: str) -> bool:
+    """Whether ``answer`` leaves a sum to do where ``gold`` is a plain number: "8 + 4" for 12, "3 \\cdot 4", "2^3".
+
+    Only the value the answer states counts: the right-hand side of its last "=" ("8 + 4 = 12" states 12, as
+    math-verify reads it). Such an answer scores 0 in the rema grader even where math-verify finds it equal: a
+    reply that restates the question ("7 + 1 + 4") or stops after one operation ("= 8 + 4") has not answered it.
+    A fraction ("1/2", "\\frac{1}{2}") and scientific notation ("3 \\times 10^5", "10^3") are numbers, not sums.
+    """
+    if not _PLAIN_NUMBER.fullmatch(gold.replace("$", "").replace(" ", "")):
+        return False
+    value = answer.rsplit("=", 1)[-1]
+    return _OPERATION.search(value) is not None and _SCIENTIFIC.search(value) is None
 
 
 def choice_letter(answer: str, lenient: bool = False) -> str | None:
@@ -646,6 +668,8 @@ def _rema_scorer():
         letter = choice_letter(gold)
         if letter is not None:
             return float(choice_letter(answer, lenient=True) == letter)
+        if unevaluated(prepare_answer(answer), prepare_answer(gold)):
+            return 0.0
         pred_parsed = parse("\\boxed{" + prepare_answer(answer) + "}", config)
         return float(verify(gold_parsed, pred_parsed, float_rounding=FLOAT_ROUNDING))
 
