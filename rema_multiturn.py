@@ -556,7 +556,7 @@ def main(args: Args) -> None:
     steps_per_epoch = len(train_set) // args.rollout_batch_size
     assert steps_per_epoch >= 1, f"the train set ({len(train_set)} rows) is smaller than --rollout_batch_size"
     state = ckpt.resume(args.run.resume, logger) or dict(step=0, epoch=0, batch=0, evaluated_at=None)
-    progress = RunProgress(run_dir, state["step"], enabled=main_proc, header={
+    progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
         "run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
         "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
                    f"{'on' if args.mask_unfinished_reward else 'off'}, "
@@ -618,6 +618,7 @@ def main(args: Args) -> None:
             with sampler.timed("update"):
                 sums = ppo_update(agent, batch, args, d, accelerator, autocast, guard, state["step"] + 1)
             state["step"] += 1
+            state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
             advance(state, steps_per_epoch)
 
             # ---- METRICS ----

@@ -576,7 +576,7 @@ def main(args: Args) -> None:
     phases = schedule_phases(names, args.schedule, args.num_update_iterations, args.first_agent, args.total_steps,
                              args.switch_freq)
     state = ckpt.resume(args.run.resume, logger) or dict(step=0, phase=0, epoch=0, batch=0, dataset=None, evaluated_at=None)
-    progress = RunProgress(run_dir, state["step"], enabled=main_proc, header={
+    progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
         "run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
         "schedule": f"{args.schedule}: {' -> '.join(phases[:len(names)])} ({len(phases)} phases"
                     + (f", {args.total_steps} steps)" if args.schedule == "switch" else ")"),
@@ -649,6 +649,7 @@ def main(args: Args) -> None:
             with sampler.timed("update"):
                 sums = ppo_update(agent, batch, args, d, accelerator, autocast, guard, state["step"] + 1)
             state["step"] += 1
+            state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
             phase_ended = advance(state, len(dataset), args)
 
             # ---- METRICS ----

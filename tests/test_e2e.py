@@ -101,11 +101,14 @@ def test_vrp_baseline_rloo_minibatches(tmp_path, tiny_model):
 def test_mrp_baseline_switch_schedule_and_resume(tmp_path, tiny_model):
     args = ["--mode", "mrp", "--schedule", "switch", "--no-filter", "--switch_freq", "2"]
     run_dir = run(tmp_path, tiny_model, *args, "--total_steps", "2")
-    assert json.loads((find_checkpoint(run_dir) / "trainer_state.json").read_text())["step"] == 2
+    state = json.loads((find_checkpoint(run_dir) / "trainer_state.json").read_text())
+    assert state["step"] == 2
     run(tmp_path, tiny_model, *args, "--total_steps", "4", "--resume", str(run_dir))
     rows = metrics(run_dir)
     train_steps = [r["step"] for r in rows if "policy/reward" in r]
     assert train_steps == [1, 2, 3, 4]  # the resumed run continued at step 3, it did not start over
+    # its training time (what --max_minutes counts) continued from the checkpoint's too
+    assert 0 < state["training_seconds"] < next(r["time/training"] for r in rows if r["step"] == 3 and "policy/reward" in r)
     assert json.loads((find_checkpoint(run_dir) / "trainer_state.json").read_text())["step"] == 4
     assert_finite_training_metrics(rows, {"policy"})
 

@@ -134,6 +134,23 @@ def test_logger_rewind_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
     assert [r["step"] for r in shows] == [0, 1, 2, 3]
 
 
+def test_max_minutes_counts_the_training_before_a_resume(tmp_path):
+    """A resumed run starts with the training time of its checkpoint: --max_minutes is the run's budget, not each
+    process's (a run resumed after a crash would otherwise train its whole budget again); evaluation never counts."""
+    from accelerate import Accelerator
+
+    from utils.tracking import RunProgress
+
+    accelerator = Accelerator(cpu=True)
+    progress = RunProgress(tmp_path, 5, 90.0, enabled=False, header={})
+    assert 90.0 <= progress.training_time() < 95.0
+    assert progress.time_is_up(accelerator, 1.5) and not progress.time_is_up(accelerator, 2.0)
+    progress.evaluated(lambda: time.sleep(0.2) or {})
+    assert progress.training_time() < 90.2
+    fresh = RunProgress(tmp_path, 0, 0.0, enabled=False, header={})
+    assert fresh.training_time() < 5.0 and not fresh.time_is_up(accelerator, 1.5)
+
+
 def test_checkpoint_cut_off_mid_write_leaves_the_last_good_one(tmp_path, tiny_model):
     """A save that dies half-way (here: the second model's files cannot be written) leaves `latest` on the previous
     checkpoint, which still loads."""

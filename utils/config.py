@@ -61,8 +61,8 @@ class RunArgs:
     track: bool = False
     """log to Weights & Biases as well as TensorBoard and metrics.jsonl"""
     max_minutes: float | None = None
-    """stop after this many minutes of training (this process's run, evaluation excluded: the time/training metric),
-    then evaluate and save as at the end; None: no limit"""
+    """stop after this many minutes of training (evaluation excluded: the time/training metric, which a resumed run
+    continues from its checkpoint), then evaluate and save as at the end; None: no limit"""
 
 
 @dataclass

@@ -98,8 +98,9 @@ class RunProgress:
     """What a person watching the run sees: a short header (what runs, where the logs go, how to watch them), one
     progress bar over the whole run with a total and an ETA, a line per phase, and a summary line at the end."""
 
-    def __init__(self, run_dir: Path, initial_step: int, enabled: bool, header: dict[str, str]):
+    def __init__(self, run_dir: Path, initial_step: int, trained_before: float, enabled: bool, header: dict[str, str]):
         self.run_dir, self.enabled, self.start, self.done = run_dir, enabled, time.time(), initial_step
+        self.trained_before = trained_before  # training seconds of the processes before a resume, up to its checkpoint
         self.eval_seconds = 0.0  # spent in evaluation: not training time
         if enabled:
             for key, value in header.items():
@@ -137,8 +138,9 @@ class RunProgress:
         return time.time() - self.start
 
     def training_time(self) -> float:
-        """Seconds of this process's run spent on anything but evaluation."""
-        return self.elapsed() - self.eval_seconds
+        """Seconds of the run spent on anything but evaluation: this process's, and before a resume those up to the
+        checkpoint it resumed from."""
+        return self.trained_before + self.elapsed() - self.eval_seconds
 
     def evaluated(self, evaluate, *args) -> dict:
         """evaluate(*args), timed as evaluation; its metrics with the training time so far (time/training)."""
