@@ -57,9 +57,12 @@ judge_eval_py() {  # judge_eval_py <method> <name> <eval.py args...>: one evalua
 # the multi-turn parts' task (3 operands in 1..9, + and -) and conversation limits
 MT_TASK=(--arithmetic.max_operand 9 --arithmetic.num_operands 3 --arithmetic.operations "+-")
 MT_LIMITS=(--max_turns 3 --max_completion_length 48 --max_context_length 512)
+# float32, as in the committed runs: the default (bf16 autocast where the CPU has AVX-512) would make the numbers
+# depend on the machine
+MT_F32=(--no-bf16)
 
 multiturn_rl() {  # multiturn_rl <model> <lr> <max minutes> <output dir> <name>: RL with the paper's format reward
-  $PY rema_multiturn.py --model "$1" "${MT_TASK[@]}" "${MT_LIMITS[@]}" --mask_unfinished_reward --stop_when_truncated \
+  $PY rema_multiturn.py --model "$1" "${MT_TASK[@]}" "${MT_LIMITS[@]}" "${MT_F32[@]}" --mask_unfinished_reward --stop_when_truncated \
     --temperature 1.0 --learning_rate "$2" --num_mini_batches 1 --no-gradient_checkpointing --total_steps 30 \
     --max_minutes "$3" --eval_every 5 --eval_limit 50 --transcripts_every 5 --output_dir "$4" --exp_name "$5"
 }
@@ -67,7 +70,7 @@ multiturn_rl() {  # multiturn_rl <model> <lr> <max minutes> <output dir> <name>:
 mt_eval() {  # mt_eval <model> <name> <eval.py args...>: 50 held-out questions, greedy; table and conversations kept
   local model=$1 name=$2
   shift 2
-  $PY eval.py --method rema_multiturn --model "$model" --datasets arithmetic --limit 50 "$@" \
+  $PY eval.py --method rema_multiturn --model "$model" --datasets arithmetic --limit 50 "${MT_F32[@]}" "$@" \
     --output_dir "$OUT/multiturn_light" --exp_name "$name"
   mkdir -p "$DOCS/multiturn_light/$name"
   cp "$OUT/multiturn_light/$name"/{results.md,generations-0.jsonl} "$DOCS/multiturn_light/$name/"
@@ -104,9 +107,9 @@ multiturn)
   # 4 steps: docs/results.md). One core per run (OMP_NUM_THREADS=1), the two runs one after the other.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   mkdir -p "$OUT/multiturn" "$DOCS/multiturn"
-  $PY eval.py --method rema_multiturn --datasets arithmetic "${MT_TASK[@]}" "${MT_LIMITS[@]}" \
+  $PY eval.py --method rema_multiturn --datasets arithmetic "${MT_TASK[@]}" "${MT_LIMITS[@]}" "${MT_F32[@]}" \
     --stop_when_truncated True --limit 50 --output_dir "$OUT/multiturn" --exp_name eval_before_sft
-  $PY sft.py --datasets arithmetic "${MT_TASK[@]}" --limit 400 --num_train_epochs 1 --learning_rate 1e-4 \
+  $PY sft.py --datasets arithmetic "${MT_TASK[@]}" "${MT_F32[@]}" --limit 400 --num_train_epochs 1 --learning_rate 1e-4 \
     --no-gradient_checkpointing --output_dir "$OUT/multiturn/sft"
   for lr in 5e-6 2e-5; do
     multiturn_rl "$OUT/multiturn/sft/model" $lr 40 "$OUT/multiturn" "rl_lr$lr"
@@ -121,7 +124,7 @@ multiturn-light)
   # conversation finishes in 2 turns) but leave the arithmetic weak (22% held-out, 70% after the 400 of `multiturn`),
   # so RL has room to raise the reward. Two learning rates side by side, one core each, 55 training minutes.
   mkdir -p "$OUT/multiturn_light" "$DOCS/multiturn_light"
-  $PY sft.py --datasets arithmetic "${MT_TASK[@]}" --limit 64 --num_train_epochs 1 --learning_rate 1e-4 \
+  $PY sft.py --datasets arithmetic "${MT_TASK[@]}" "${MT_F32[@]}" --limit 64 --num_train_epochs 1 --learning_rate 1e-4 \
     --no-gradient_checkpointing --output_dir "$OUT/multiturn_light/sft"
   cp "$OUT/multiturn_light/sft/metrics.jsonl" "$DOCS/multiturn_light/sft_metrics.jsonl"
   for lr in 1e-5 2e-5; do
