@@ -659,7 +659,8 @@ def _rema_scorer():
     ]
 
     def score(pred: str, gold: str) -> float:
-        gold_parsed = parse("\\boxed{" + prepare_answer(gold) + "}", config)
+        gold_value = prepare_answer(gold)
+        gold_parsed = parse("\\boxed{" + gold_value + "}", config)
         if not gold_parsed:  # as math_metric does, so an empty gold counts as an error in both modes
             raise ValueError(f"No gold targets found for gold {gold[:50]!r}")
         answer = final_answer(pred)
@@ -668,9 +669,10 @@ def _rema_scorer():
         letter = choice_letter(gold)
         if letter is not None:
             return float(choice_letter(answer, lenient=True) == letter)
-        if unevaluated(prepare_answer(answer), prepare_answer(gold)):
+        value = prepare_answer(answer)
+        if unevaluated(value, gold_value):
             return 0.0
-        pred_parsed = parse("\\boxed{" + prepare_answer(answer) + "}", config)
+        pred_parsed = parse("\\boxed{" + value + "}", config)
         return float(verify(gold_parsed, pred_parsed, float_rounding=FLOAT_ROUNDING))
 
     return score
