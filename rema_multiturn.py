@@ -56,7 +56,7 @@ from utils.checkpoint import Checkpointer
 from utils.config import (Annotated, DataArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs, ModelArgs,
                           OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli, warn_if_scales_mix)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import check_deepspeed, make_accelerator, reduce_sums, shard
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
 from utils.faults import NonFiniteGuard, Preempted, Preemption
 from utils.grading import Grader
 from utils.logprobs import completion_logprobs
@@ -276,8 +276,6 @@ def validate(args: Args, accelerator) -> None:
     need(args.num_mini_batches >= 1 and per_rank >= args.num_mini_batches,
          f"--num_mini_batches {args.num_mini_batches} needs at least that many sequences per process ({per_rank}): "
          f"raise --rollout_batch_size or lower --num_mini_batches")
-    check_deepspeed(accelerator, two_full_models=not args.param_sharing and args.lm.param_mode == "full",
-                    micro_batch_size=args.micro_batch_size, mini_per_rank=math.ceil(per_rank / args.num_mini_batches))
 
 
 @dataclass(frozen=True)
@@ -485,13 +483,13 @@ def ppo_update(agent, batch: dict, args, d: Derived, accelerator, autocast, guar
             mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
             for j, idx in enumerate(micros):
                 micro = select(batch, idx)
-                with nullcontext() if j == len(micros) - 1 else accelerator.no_sync(agent.model):
+                with grad_sync(accelerator, agent.model, sync=j == len(micros) - 1):
                     logp, entropy = completion_logprobs(agent.model, micro, args.temperature, autocast, with_entropy=True)
                     loss, stats = micro_batch_loss(logp, entropy, micro, args, d, norm)
                     accelerator.backward(loss)
                 for k, v in stats.items():
                     mb_sums[k] += v
-            grad_norm = float(accelerator.clip_grad_norm_(agent.params, args.optim.max_grad_norm))  # equal on every process
+            grad_norm = clip_grad_norm(accelerator, agent.params, args.optim.max_grad_norm)  # equal on every process
             if guard.step_ok(grad_norm, step, accelerator.is_main_process):  # a NaN / inf gradient is never applied
                 agent.optimizer.step()
                 for k, v in mb_sums.items():

@@ -50,7 +50,7 @@ from utils.config import (Annotated, DataArgs, FilterArgs, Flat, GenerationArgs,
                           ModelArgs, OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli,
                           warn_if_scales_mix)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import check_deepspeed, make_accelerator, reduce_sums, shard
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
 from utils.faults import NonFiniteGuard, Preempted, Preemption
 from utils.grading import Grader
 from utils.logprobs import completion_logprobs
@@ -289,8 +289,6 @@ def validate(args: Args, accelerator) -> None:
     need(args.mini_batch_size is None or (args.mini_batch_size % world == 0 and B * G % args.mini_batch_size == 0),
          f"--mini_batch_size {args.mini_batch_size} must divide rollout_batch_size x num_generations ({B * G}) and be "
          "a multiple of the number of processes")
-    check_deepspeed(accelerator, two_full_models=args.mode == "rema" and args.lm.param_mode == "full",
-                    micro_batch_size=args.micro_batch_size, mini_per_rank=(args.mini_batch_size or B * G) // world)
 
 
 @dataclass(frozen=True)
@@ -500,13 +498,13 @@ def ppo_update(agent, batch: dict, args, d: Derived, accelerator, autocast, guar
             mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
             for j, idx in enumerate(micros):
                 micro = select(batch, idx)
-                with nullcontext() if j == len(micros) - 1 else accelerator.no_sync(agent.model):
+                with grad_sync(accelerator, agent.model, sync=j == len(micros) - 1):
                     logp, entropy = completion_logprobs(agent.model, micro, args.temperature, autocast, with_entropy=True)
                     loss, stats = micro_batch_loss(logp, entropy, micro, args, d, norm)
                     accelerator.backward(loss)
                 for k, v in stats.items():
                     mb_sums[k] += v
-            grad_norm = float(accelerator.clip_grad_norm_(agent.params, args.optim.max_grad_norm))  # equal on every process
+            grad_norm = clip_grad_norm(accelerator, agent.params, args.optim.max_grad_norm)  # equal on every process
             if guard.step_ok(grad_norm, step, accelerator.is_main_process):  # a NaN / inf gradient is never applied
                 agent.optimizer.step()
                 for k, v in mb_sums.items():

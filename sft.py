@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from utils import prompts
 from utils.data import ArithmeticConfig, DataError, arithmetic_conversations, load_examples
 from utils.config import fast_bf16
-from utils.distributed import make_accelerator
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator
 from utils.judge_data import arithmetic_pairs, format_demonstrations
 from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
 from utils.tracking import RunLogger
@@ -193,7 +193,7 @@ def main(args: Args) -> None:
                     input_ids[r, :len(ids)], labels[r, :len(lab)] = torch.tensor(ids), torch.tensor(lab)
                 attention_mask = (torch.arange(width)[None] < torch.tensor([len(i) for i, _ in micro])[:, None]).long()
                 input_ids, labels, attention_mask = (t.to(accelerator.device) for t in (input_ids, labels, attention_mask))
-                with nullcontext() if j == len(micros) - 1 else accelerator.no_sync(model):
+                with grad_sync(accelerator, model, sync=j == len(micros) - 1):
                     with autocast:
                         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
                     # position t predicts token t + 1; summed here, divided by the batch's token count (all processes)
@@ -202,7 +202,7 @@ def main(args: Args) -> None:
                     loss = token_loss / n_tokens * world  # DDP averages gradients over processes
                     accelerator.backward(loss)
                 loss_sum += token_loss.item()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = clip_grad_norm(accelerator, list(model.parameters()), args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

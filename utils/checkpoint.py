@@ -2,7 +2,8 @@
 replaced atomically. A kill at any moment leaves `latest` pointing at the last complete checkpoint.
 
 Layout of `run_dir/checkpoints/step_K/`:
-    accelerate_state/   accelerator.save_state: models, optimizers and every rank's RNG states (sharded under FSDP/ZeRO)
+    accelerate_state/   accelerator.save_state: models, optimizers and every rank's RNG states (sharded under FSDP2),
+                        and fresh_optimizers.json: which optimizers had taken no step yet (see `save_checkpoint`)
     <agent>/            each agent in Hugging Face format (a full model, or a LoRA adapter), loadable by eval.py
     trainer_state.json  step counter, schedule position and the filtered dataset of the current phase
 """
@@ -21,8 +22,14 @@ def _ckpt_root(run_dir: Path) -> Path:
 
 
 def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, hf_models: dict, tokenizer,
-                    keep: int) -> Path:
-    """Collective: every rank must call it (sharded states are gathered or written per rank)."""
+                    keep: int, optimizers: list = ()) -> Path:
+    """Collective: every rank must call it (sharded states are gathered or written per rank).
+
+    `optimizers` that have taken no step yet (the agent of a later phase) keep no state. Under FSDP2, torch's
+    `get_optimizer_state_dict` (inside `save_state`) gives an empty AdamW a state by stepping it once with zero
+    gradients and lr 0: the weights stay, but its step count becomes 1, so its first real step would be bias-corrected
+    as a second one (0.744x as far with the default betas). Such optimizers are emptied again after the save, and
+    `fresh_optimizers.json` names them so that `load_checkpoint` empties them after loading too."""
     root = _ckpt_root(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
@@ -30,7 +37,10 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    fresh = [i for i, optimizer in enumerate(optimizers) if not optimizer.state]
     accelerator.save_state(str(tmp / "accelerate_state"))
+    for i in fresh:
+        optimizers[i].state.clear()
     for name, model in hf_models.items():
         state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP / ZeRO-3
         accelerator.unwrap_model(model).save_pretrained(
@@ -39,6 +49,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     accelerator.wait_for_everyone()  # every rank's files (its RNG state, its shards) are written before the rename
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "accelerate_state" / "fresh_optimizers.json").write_text(json.dumps(fresh))
         with open(tmp / "trainer_state.json", "w") as f:
             json.dump(trainer_state, f)
         shutil.rmtree(final, ignore_errors=True)
@@ -78,9 +89,13 @@ def find_checkpoint(path: str | Path) -> Path:
                             f"{latest} naming a complete checkpoint)")
 
 
-def load_checkpoint(accelerator, ckpt: Path) -> dict:
-    """Restore models, optimizers and RNG states in place; return the trainer state."""
+def load_checkpoint(accelerator, ckpt: Path, optimizers: list = ()) -> dict:
+    """Restore models, optimizers and RNG states in place; return the trainer state. The optimizers that had taken no
+    step when the checkpoint was saved are left without state, as they were (see `save_checkpoint`)."""
     accelerator.load_state(str(ckpt / "accelerate_state"))
+    fresh = ckpt / "accelerate_state" / "fresh_optimizers.json"
+    for i in json.loads(fresh.read_text()) if fresh.is_file() else []:
+        optimizers[i].state.clear()
     with open(ckpt / "trainer_state.json") as f:
         return json.load(f)
 
@@ -99,7 +114,8 @@ class Checkpointer:
         self.every_steps, self.every_minutes = every_steps, every_minutes
         first = next(iter(agents.values()))
         # LoRA: one peft model holds every agent's adapter (saved as adapters/<agent>/); full: one model per agent
-        self.hf_models = {"adapters": first.model} if first.adapter is not None else {n: a.model for n, a in agents.items()}
+        self.hf_models = {"adapters": first.unwrapped} if first.adapter is not None else {n: a.model for n, a in agents.items()}
+        self.optimizers = list({id(a.optimizer): a.optimizer for a in agents.values()}.values())  # (LoRA: one shared)
         self.saved_step: int | None = None
         self.last_save = time.time()
 
@@ -109,7 +125,7 @@ class Checkpointer:
         if path is None:
             return None
         ckpt = find_checkpoint(path)
-        state = load_checkpoint(self.accelerator, ckpt)
+        state = load_checkpoint(self.accelerator, ckpt, self.optimizers)
         logger.rewind(state["step"])
         self.saved_step = state["step"]
         if self.accelerator.is_main_process:
@@ -129,6 +145,6 @@ class Checkpointer:
             update_trainer_state(self.accelerator, self.run_dir, state["step"], state)
         else:
             save_checkpoint(self.accelerator, self.run_dir, state["step"], state, self.hf_models, self.tokenizer,
-                            self.keep)
+                            self.keep, self.optimizers)
             self.saved_step = state["step"]
         self.last_save = time.time()

@@ -2,38 +2,76 @@
 
 - Without CUDA, accelerate only forms a process group when asked for the CPU backend (gloo); otherwise each
   process launched by torchrun / `accelerate launch` runs alone, and N copies write the same run directory.
-- accelerate enables FSDP only for GPU-type backends: an FSDP (or DeepSpeed) config on CPU silently becomes plain
-  data parallelism. Both are refused here rather than run in a way the user did not ask for.
+- accelerate 1.15 enables FSDP only for GPU-type backends: on a CPU an FSDP config would silently become plain
+  data parallelism. `make_accelerator` makes it take its FSDP2 path on gloo instead (`_fsdp_on_gloo`), so a CPU
+  run with `configs/cpu_2proc_fsdp.yaml` goes through the same preparation, clipping and checkpointing code as an
+  8-GPU run with `configs/fsdp.yaml` (docs/scaling.md says what differs: NCCL, CUDA memory).
+- DeepSpeed is refused: one Accelerator prepares one DeepSpeed model, and ReMA trains two (docs/scaling.md).
 """
 
 import math
 import os
+from contextlib import contextmanager, nullcontext
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 
+def _wants(backend: str) -> bool:
+    """Does the launcher's accelerate config ask for this backend (accelerate passes it as an environment variable)?"""
+    return os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true"
+
+
+@contextmanager
+def _fsdp_on_gloo():
+    """While an Accelerator is built: where accelerate sets up a CPU process group (MULTI_CPU, gloo) although the
+    config asks for FSDP, report FSDP and attach the FSDP plugin accelerate built from the config, exactly as it does
+    for GPUs (accelerate 1.15 decides this in `AcceleratorState.__init__`, with no option to ask for it). Everything
+    after that (`prepare`, `clip_grad_norm_`, `save_state`, `get_state_dict`) is accelerate's own FSDP2 code."""
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = original
+
+
 def make_accelerator(find_unused_parameters: bool) -> Accelerator:
+    if _wants("DEEPSPEED"):
+        raise SystemExit("DeepSpeed is not supported: one Accelerator prepares one DeepSpeed model, and ReMA trains two "
+                         "agents, each with its own optimizer. Shard with FSDP2 instead: accelerate launch "
+                         "--config_file configs/fsdp.yaml (docs/scaling.md)")
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    accelerator = Accelerator(kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    cpu = not torch.cuda.is_available()
+    with _fsdp_on_gloo() if cpu and _wants("FSDP") else nullcontext():
+        accelerator = Accelerator(kwargs_handlers=[ddp], cpu=cpu)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise SystemExit(f"the launcher started WORLD_SIZE={launched} processes but accelerate sees "
                          f"{accelerator.num_processes}; launch with `accelerate launch --config_file ...`")
-    for backend, kind in (("FSDP", DistributedType.FSDP), ("DEEPSPEED", DistributedType.DEEPSPEED)):
-        if os.environ.get(f"ACCELERATE_USE_{backend}", "false").lower() == "true" and accelerator.distributed_type != kind:
-            raise SystemExit(f"the accelerate config asks for {backend}, but accelerate runs "
-                             f"{accelerator.distributed_type} (it does not shard without CUDA devices); refusing to "
-                             f"run unsharded. On CPU use configs/cpu_2proc.yaml")
+    if _wants("FSDP") and not is_fsdp2(accelerator):
+        raise SystemExit(f"the accelerate config asks for FSDP, but accelerate runs {accelerator.distributed_type} "
+                         "with FSDP version 1 or none; this project supports FSDP2 (fsdp_version: 2, configs/fsdp.yaml)")
     return accelerator
 
 
+def is_fsdp2(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 2
+
+
 def weights_are_sharded(accelerator: Accelerator) -> bool:
-    """FSDP and ZeRO-3 all-gather weights inside every forward pass: generation must run in lock-step."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    """FSDP all-gathers weights inside every forward pass: generation must run in lock-step on every process."""
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def shard(items: list, rank: int, world: int) -> tuple[list, int]:
@@ -51,15 +89,30 @@ def reduce_sums(accelerator: Accelerator, sums: dict[str, float]) -> dict[str, f
     return dict(zip(keys, accelerator.reduce(values, reduction="sum").tolist()))
 
 
-def check_deepspeed(accelerator: Accelerator, two_full_models: bool, micro_batch_size: int, mini_per_rank: int) -> None:
-    """DeepSpeed's limits, as clear errors: one Accelerator prepares one DeepSpeed model, and DeepSpeed steps its
-    optimizer inside every backward (so there is no gradient accumulation over micro-batches)."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        return
-    if two_full_models:
-        raise SystemExit("under DeepSpeed one Accelerator prepares one model; two full models need --param_mode lora "
-                         "(one base, two adapters) or an FSDP config (configs/fsdp.yaml)")
-    if micro_batch_size < mini_per_rank:
-        raise SystemExit(f"DeepSpeed steps its optimizer inside every backward, so gradient accumulation over "
-                         f"micro-batches does not apply: set --micro_batch_size {mini_per_rank} (the per-process "
-                         "mini-batch) or lower the mini-batch")
+def grad_sync(accelerator: Accelerator, model: torch.nn.Module, sync: bool):
+    """The context of one micro-batch's backward in gradient accumulation. DDP: skip the all-reduce (`no_sync`) until
+    the last micro-batch. FSDP2: reduce-scatter every micro-batch; its `no_sync` would keep the full unsharded
+    gradient on every process between micro-batches (2x the sharded gradient on 2 processes, +28 GiB per GPU for a 7B
+    agent on 8), which the sharding is there to avoid."""
+    if sync or accelerator.distributed_type == DistributedType.FSDP:
+        return nullcontext()
+    return accelerator.no_sync(model)
+
+
+def clip_grad_norm(accelerator: Accelerator, params: list, max_norm: float) -> float:
+    """Clip the gradient of `params` (one agent's) to `max_norm`; return its norm before clipping, the same on every
+    process. Under FSDP accelerate's `clip_grad_norm_` looks for the model that owns the parameters by comparing
+    lists of tensors with `==`, which compares two agents of one shape element-wise and fails on DTensors; torch's
+    own `clip_grad_norm_` takes the parameters as given and reduces the sharded norms itself."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(full_tensor(norm))
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor with the whole value: a DTensor (FSDP2's sharded parameters, gradients, norms) is gathered
+    (collective: every process calls it for the same tensors in the same order); any other tensor is returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -16,7 +16,7 @@ from pathlib import Path
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -143,11 +143,11 @@ class Agent:
     name: str  # meta_thinking | reasoning | policy
     model: torch.nn.Module  # prepared (possibly DDP / FSDP wrapped)
     optimizer: torch.optim.Optimizer
-    params: list  # the parameters this agent trains
+    params: list  # the parameters this agent trains (the prepared ones: FSDP2 replaces them with sharded DTensors)
     max_completion_length: int
     adapter: str | None = None  # LoRA: the adapter of this agent on the shared base
-    ref_model: torch.nn.Module | None = None  # full mode with beta > 0: a frozen copy of the initial model
-    unwrapped: torch.nn.Module | None = None  # the model without its DDP / FSDP wrapper
+    ref_model: torch.nn.Module | None = None  # full mode with beta > 0: the frozen initial model, one for all agents
+    unwrapped: torch.nn.Module | None = None  # the model without its DDP wrapper (FSDP2 shards in place); LoRA: the peft model
 
     def activate(self) -> torch.nn.Module:
         """The unwrapped model, with this agent's LoRA adapter switched on (which also makes only it trainable)."""
@@ -157,10 +157,16 @@ class Agent:
 
 
 def build_agents(args, accelerator, path: str, lengths: dict[str, int], reference: bool = False) -> dict[str, Agent]:
-    """One Agent per name, with its own trainable parameters and optimizer (separate parameters, paper Sec. 3.2.1):
-    full copies of the model, or LoRA adapters on one frozen base (`args.lm.param_mode`), prepared by accelerate.
-    lengths: agent name -> max new tokens of one of its completions. reference: also keep the initial policy
-    (a frozen copy in full mode; the base with the adapters off in LoRA mode) for a KL penalty."""
+    """One Agent per name, with its own trainable parameters and optimizer state (separate parameters, paper Sec.
+    3.2.1): full copies of the model, each with its own AdamW, or LoRA adapters on one frozen base
+    (`args.lm.param_mode`), prepared by accelerate. lengths: agent name -> max new tokens of one of its completions.
+    reference: also keep the initial policy for a KL penalty: one frozen copy shared by every agent (they all start
+    from the same weights; sharded like the agents under FSDP), or in LoRA mode the base with the adapters off.
+
+    LoRA: one AdamW holds every adapter. AdamW keeps its state per parameter and skips parameters without a gradient,
+    and only the active adapter gets one (`set_adapter` freezes the others; `zero_grad(set_to_none=True)` after every
+    step), so each adapter's updates are those of an AdamW of its own; and accelerate's checkpointing pairs the
+    i-th optimizer with the i-th model, so one model needs one optimizer."""
     names = list(lengths)
     o, lora, checkpointing = args.optim, args.lora, args.lm.gradient_checkpointing
     adam = dict(lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
@@ -173,23 +179,46 @@ def build_agents(args, accelerator, path: str, lengths: dict[str, int], referenc
         model = get_peft_model(load_model(path, gradient_checkpointing=checkpointing), config, adapter_name=names[0])
         for name in names[1:]:
             model.add_adapter(name, config)
-        params = {n: [p for k, p in model.named_parameters() if f".{n}." in k] for n in names}
-        for ps in params.values():
-            for p in ps:
-                p.requires_grad_(True)
-        optimizers = [torch.optim.AdamW(params[n], **adam) for n in names]
-        model, *optimizers = accelerator.prepare(model, *optimizers)
+        for p in adapter_params(model, names):
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(adapter_params(model, names), **adam)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # FSDP2's root is the model whose forward runs first and gathers what no layer holds; peft's `generate`
+            # calls the base model's, whose forward passes enter below the peft wrapper ("FSDP requires a single root
+            # module"). So the base model (with the LoRA layers inside it) is sharded, and it is the root of every
+            # forward pass, training or generating; the peft wrapper around it names and saves the adapters.
+            trained, optimizer = accelerator.prepare(model.base_model.model, optimizer)
+        else:
+            trained, optimizer = accelerator.prepare(model, optimizer)
+            model = accelerator.unwrap_model(trained)
         # the reference policy is the base model with the adapters switched off: no extra copy
-        return {n: Agent(n, model, opt, params[n], lengths[n], adapter=n, unwrapped=accelerator.unwrap_model(model))
-                for n, opt in zip(names, optimizers)}
+        return {n: Agent(n, trained, optimizer, adapter_params(model, [n]), lengths[n], adapter=n, unwrapped=model)
+                for n in names}
+    ref = None
+    if reference:
+        ref = prepare_frozen(accelerator, load_model(path))
     agents = {}
     for n in names:
         model = load_model(path, gradient_checkpointing=checkpointing)
         optimizer = torch.optim.AdamW(model.parameters(), **adam)
         model, optimizer = accelerator.prepare(model, optimizer)
-        ref = None
-        if reference:
-            ref = load_model(path).to(accelerator.device).eval().requires_grad_(False)
         agents[n] = Agent(n, model, optimizer, list(model.parameters()), lengths[n], ref_model=ref,
                           unwrapped=accelerator.unwrap_model(model))
     return agents
+
+
+def adapter_params(model: torch.nn.Module, adapters: list[str]) -> list:
+    """The LoRA parameters of the named adapters (peft names them `....lora_A.<adapter>.weight`)."""
+    return [p for k, p in model.named_parameters() if any(f".{a}." in k for a in adapters)]
+
+
+def prepare_frozen(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen model for inference beside the trained ones: under FSDP2 sharded with accelerate's own FSDP2
+    preparation (the agents' settings; it is not registered for checkpointing, since it never changes), else
+    moved to the device."""
+    model = model.eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from accelerate.utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model)
+    return model.to(accelerator.device)
