@@ -307,10 +307,10 @@ def main(args: Args) -> None:
         print(f"{args.method}: {len(questions)} questions x {k} samples ({limits}), {len(done)} already in {out}, "
               f"{len(todo)} to generate")
 
+    with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node (collective)
+        path = resolve_model(args.model)
+        meta_path = resolve_model(args.meta_model) if args.meta_model else path
     if mine:
-        with accelerator.main_process_first():
-            path = resolve_model(args.model)
-            meta_path = resolve_model(args.meta_model) if args.meta_model else path
         tokenizer = load_tokenizer(path)
         stop_ids = end_of_turn_ids(tokenizer)
         meta_path = meta_path if args.method == "rema" else path

@@ -532,7 +532,7 @@ def main(args: Args) -> None:
     autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.lm.bf16 else nullcontext()
 
     # ---- data, agents (one shared policy, or one per agent) and plumbing ----
-    with accelerator.main_process_first():  # the GGUF -> safetensors conversion happens once
+    with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
         path = resolve_model(args.lm.model)
     tokenizer = load_tokenizer(path)
     grader = Grader(args.grading.timeout, args.grading.workers, args.grading.grader) if args.data.task == "math" else None

@@ -137,7 +137,7 @@ def main(args: Args) -> None:
                          f"({args.micro_batch_size} x {world})")
     out = Path(args.output_dir)
     logger = RunLogger(out, asdict(args), enabled=accelerator.is_main_process, run_name="sft")
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
         path = resolve_model(args.model)
     tokenizer = load_tokenizer(path)
     stop_ids = set(end_of_turn_ids(tokenizer))

@@ -100,6 +100,27 @@ def load_checkpoint(accelerator, ckpt: Path, optimizers: list = ()) -> dict:
         return json.load(f)
 
 
+def check_shared(accelerator, run_dir: Path) -> None:
+    """Collective. Every process writes its share of a checkpoint (its RNG state; under FSDP2 its shards) into the
+    same directory, and the main process completes it: `run_dir` must be on storage that every node sees (a shared
+    filesystem), as it is on one machine. Stops the run at its start, on every process, if a process cannot see
+    what the main process wrote there."""
+    marker = run_dir / f".shared_check_{os.environ.get('MASTER_PORT', '0')}"
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(run_dir.resolve()))
+    accelerator.wait_for_everyone()
+    seen = torch.tensor(float(marker.is_file()), device=accelerator.device)
+    everyone = accelerator.reduce(seen, reduction="sum").item() == accelerator.num_processes
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink()
+    if not everyone:
+        raise SystemExit(f"{run_dir} is not shared by every process: its checkpoints need storage that every node sees "
+                         "(a shared filesystem), since each process writes its part of them there; give --output_dir a "
+                         "path on shared storage")
+
+
 class Checkpointer:
     """A run's checkpoints, behind three calls: `resume` (load the latest and rewind the logs), `due` (is one owed
     now: every `every_steps` steps, every `every_minutes` minutes, or at a phase end) and `save`.
@@ -118,6 +139,7 @@ class Checkpointer:
         self.optimizers = list({id(a.optimizer): a.optimizer for a in agents.values()}.values())  # (LoRA: one shared)
         self.saved_step: int | None = None
         self.last_save = time.time()
+        check_shared(accelerator, run_dir)
 
     def resume(self, path: str | None, logger) -> dict | None:
         """The trainer state of the latest checkpoint of `path` (None: no --resume), with models, optimizers and every

@@ -60,13 +60,33 @@ def _convert_gguf(gguf_path: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16, **kwargs
     )
-    model.save_pretrained(tmp)
+    save_weights(model, tmp)
     tokenizer.save_pretrained(tmp)
     try:
         os.replace(tmp, out)  # atomic: a concurrent process either sees the whole directory or none
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_weights(model, directory: Path) -> None:
+    """The model's config, generation config and weights (one safetensors file, a tied weight once), loadable by
+    `from_pretrained`. Written here rather than by `save_pretrained`, which in transformers 5 writes the weights only
+    on global rank 0 of a process group: the conversion runs once per node, into each node's own cache, so node 1's
+    local main process (global rank 8 on 8-GPU nodes) must write them too."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it (vLLM picks its model by it)
+    model.config.save_pretrained(directory)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(directory)
+    seen, weights = set(), {}
+    for name, tensor in model.state_dict().items():  # tied weights (lm_head = embed_tokens) share storage
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor.contiguous()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 def resolve_model(name: str) -> str:

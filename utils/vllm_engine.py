@@ -58,25 +58,29 @@ def _cpu_env() -> None:
 
 
 def policy_weights(model: torch.nn.Module, adapter: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """The policy's full weights with Hugging Face names, as vLLM's loaders expect them.
+    """The policy's full weights with Hugging Face names, as vLLM's loaders expect them: plain tensors, gathered one
+    by one where FSDP2 shards them (collective: every process iterates the whole generator, in the same order).
 
     A plain model gives its state dict. A peft model gives the base weights with the `adapter`'s LoRA update
     merged in (W + scale * B @ A, computed here; the trainer's model is not modified), so the engine needs no LoRA
     support and runs at full speed; the LoRA tensors themselves are skipped."""
+    from utils.distributed import full_tensor
+
     from_peft = hasattr(model, "peft_config")
     if not from_peft:
-        yield from model.state_dict().items()
+        for name, tensor in model.state_dict().items():
+            yield name, full_tensor(tensor)
         return
     from peft.tuners.lora import LoraLayer
 
     deltas = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            deltas[name.removeprefix("base_model.model.") + ".weight"] = module.get_delta_weight(adapter)
+            deltas[name.removeprefix("base_model.model.") + ".weight"] = full_tensor(module.get_delta_weight(adapter))
     for name, tensor in model.state_dict().items():
         if "lora_" in name or "modules_to_save" in name:
             continue
-        name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        name, tensor = name.removeprefix("base_model.model.").replace(".base_layer.", "."), full_tensor(tensor)
         yield name, tensor + deltas[name].to(tensor.dtype) if name in deltas else tensor
 
 
