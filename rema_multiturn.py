@@ -42,7 +42,6 @@ import math
 import random
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,17 +49,17 @@ from typing import Literal
 import torch
 from accelerate.utils import gather_object, set_seed
 
-from utils import prompts
+from utils import memory_plan, prompts
 from utils.batch import collate, select
 from utils.checkpoint import Checkpointer
 from utils.config import (Annotated, DataArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs, ModelArgs,
                           OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli, warn_if_scales_mix)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, peak_memory, reduce_sums, shard
 from utils.faults import NonFiniteGuard, Preempted, Preemption
 from utils.grading import Grader
 from utils.logprobs import completion_logprobs
-from utils.models import build_agents, load_tokenizer, resolve_model
+from utils.models import build_agents, load_tokenizer, resolve_model, training_autocast
 from utils.presets import multi_turn
 from utils.sampling import importance_weights, make_sampler
 from utils.task import TASKS
@@ -529,7 +528,7 @@ def main(args: Args) -> None:
     d = derive(args, accelerator)  # every derived choice, decided once
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(args.run.output_dir) / args.run.exp_name
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.lm.bf16 else nullcontext()
+    autocast = training_autocast(accelerator.device, args.lm.bf16)
 
     # ---- data, agents (one shared policy, or one per agent) and plumbing ----
     with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
@@ -554,13 +553,15 @@ def main(args: Args) -> None:
     steps_per_epoch = len(train_set) // args.rollout_batch_size
     assert steps_per_epoch >= 1, f"the train set ({len(train_set)} rows) is smaller than --rollout_batch_size"
     state = ckpt.resume(args.run.resume, logger) or dict(step=0, epoch=0, batch=0, evaluated_at=None)
+    # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
+    plan = {"memory": memory_plan.header(args, "multiturn", path, world, accelerator.device)} if world > 1 and main_proc else {}
     progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
         "run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
         "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
                    f"{'on' if args.mask_unfinished_reward else 'off'}, "
                    f"stop on truncation {'on' if args.stop_when_truncated else 'off'}",
         "update": f"GRPO, {args.num_mini_batches * args.num_iterations} optimizer step(s) per rollout"
-                  + (" (the PPO ratio stays 1)" if args.num_mini_batches * args.num_iterations == 1 else "")})
+                  + (" (the PPO ratio stays 1)" if args.num_mini_batches * args.num_iterations == 1 else "")} | plan)
     progress.expect(args.total_steps)
 
     def due_for_eval():  # at the start, every eval_every steps and at the end, once per step
@@ -589,7 +590,7 @@ def main(args: Args) -> None:
 
             # ---- ROLLOUT: conversations and rewards ----
             trajs = rollout(items, agent_of, sampler, task, args, args.temperature, "rollout")
-            t_rollout = time.time() - t0
+            t_rollout, memory = time.time() - t0, peak_memory(accelerator, "rollout")  # CUDA: peak GiB so far
             # one sequence per (trained role, trajectory): that agent's view, its own turns labelled
             by_seq = [(role, tr) for role in roles for tr in trajs]
             seqs = [role_sequence(tr, role, tokenizer.pad_token_id) for role, tr in by_seq]
@@ -623,6 +624,7 @@ def main(args: Args) -> None:
             metrics |= rollout_metrics(trajs, len(trajs), "rollout")
             metrics |= step_metrics(agent, roles, rewards, sums, is_stats, args.num_generations, args, accelerator)
             metrics |= sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
+            metrics |= memory | peak_memory(accelerator, "update")
             metrics |= {f"time/{k}": v for k, v in sampler.times.items()}
             metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
                         "time/training": progress.training_time(),

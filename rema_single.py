@@ -36,7 +36,6 @@ import math
 import random
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
@@ -44,17 +43,18 @@ from typing import Callable, Literal, NamedTuple
 import torch
 from accelerate.utils import gather_object, set_seed
 
+from utils import memory_plan
 from utils.batch import collate, select
 from utils.checkpoint import Checkpointer
 from utils.config import (Annotated, DataArgs, FilterArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs,
                           ModelArgs, OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli,
                           warn_if_scales_mix)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, peak_memory, reduce_sums, shard
 from utils.faults import NonFiniteGuard, Preempted, Preemption
 from utils.grading import Grader
 from utils.logprobs import completion_logprobs
-from utils.models import build_agents, load_tokenizer, resolve_model
+from utils.models import build_agents, load_tokenizer, resolve_model, training_autocast
 from utils.presets import single_turn
 from utils.sampling import importance_weights, make_sampler, sampler_logprobs
 from utils.task import TASKS
@@ -549,7 +549,7 @@ def main(args: Args) -> None:
     d = derive(args, accelerator)  # every derived size and choice, decided once
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     run_dir = Path(args.run.output_dir) / args.run.exp_name
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.lm.bf16 else nullcontext()
+    autocast = training_autocast(accelerator.device, args.lm.bf16)
 
     # ---- data, agents and plumbing ----
     with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
@@ -574,12 +574,14 @@ def main(args: Args) -> None:
     phases = schedule_phases(names, args.schedule, args.num_update_iterations, args.first_agent, args.total_steps,
                              args.switch_freq)
     state = ckpt.resume(args.run.resume, logger) or dict(step=0, phase=0, epoch=0, batch=0, dataset=None, evaluated_at=None)
+    # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
+    plan = {"memory": memory_plan.header(args, "single", path, world, accelerator.device)} if world > 1 and main_proc else {}
     progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
         "run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
         "schedule": f"{args.schedule}: {' -> '.join(phases[:len(names)])} ({len(phases)} phases"
                     + (f", {args.total_steps} steps)" if args.schedule == "switch" else ")"),
         "update": f"{args.advantage_estimator}, {d.steps_per_rollout * args.num_iterations} optimizer step(s) per rollout"
-                  + (" (the PPO ratio stays 1)" if d.steps_per_rollout * args.num_iterations == 1 else "")})
+                  + (" (the PPO ratio stays 1)" if d.steps_per_rollout * args.num_iterations == 1 else "")} | plan)
     progress.expect(args.total_steps if args.schedule == "switch" else  # each phase: at most its whole pool kept
                     [phase_steps(n, args.prompt_filter.pool_size or len(train_set), args) for n in phases])
 
@@ -623,7 +625,7 @@ def main(args: Args) -> None:
                 rollout = rollout_meta(items, agent, agents, sampler, task, args, state["step"], d.K)
             else:
                 rollout = rollout_reasoning(items, agent, agents, sampler, task, args, state["step"])
-            t_rollout = time.time() - t0
+            t_rollout, memory = time.time() - t0, peak_memory(accelerator, "rollout")  # CUDA: peak GiB so far
             batch = collate(rollout["prompt_ids"], [c.ids for c in rollout["completions"]], tokenizer.pad_token_id,
                             accelerator.device)
             mask = batch["completion_mask"]  # (N, C)
@@ -653,6 +655,7 @@ def main(args: Args) -> None:
             # ---- METRICS ----
             metrics |= step_metrics(agent, rollout, mask, sums, is_stats, args.num_generations, accelerator)
             metrics |= sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
+            metrics |= memory | peak_memory(accelerator, "update")
             metrics |= {f"time/{k}": v for k, v in sampler.times.items()} | (state.pop("filter_stats", None) or {})
             metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
                         "time/training": progress.training_time(),

@@ -21,7 +21,6 @@ Departures from the official recipe (LlamaFactory, spec 6.2), all deliberate:
 import math
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -35,7 +34,7 @@ from utils.data import ArithmeticConfig, DataError, arithmetic_conversations, lo
 from utils.config import fast_bf16
 from utils.distributed import clip_grad_norm, grad_sync, make_accelerator
 from utils.judge_data import arithmetic_pairs, format_demonstrations
-from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model
+from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model, training_autocast
 from utils.tracking import RunLogger
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data" / "multiturn_sft"
@@ -170,7 +169,7 @@ def main(args: Args) -> None:
     cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     model, optimizer = accelerator.prepare(model, optimizer)
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    autocast = training_autocast(accelerator.device, args.bf16)
 
     # ---- training: token-mean cross-entropy over each global batch ----
     progress = tqdm(total=total_steps, desc="sft steps", disable=not accelerator.is_main_process)

@@ -96,10 +96,13 @@ def test_full_agents_with_one_shared_reference_match_ddp_across_the_phase_change
     assert changed_tensors(tiny_model, final / "meta_thinking") > 0 and changed_tensors(tiny_model, final / "reasoning") > 0
     assert any("reas/kl" in r for r in metrics(fsdp))
     assert list((final / "accelerate_state").glob("**/*.distcp")), "FSDP2 saves sharded states (DCP)"
+    shown = (fsdp.parent / "fsdp.out").read_text()
+    assert "memory: fits: peak" in shown and "python -m utils.memory_plan --preset cpu --gpus 2" in shown  # the header
 
 
 @pytest.mark.parametrize("args", [
-    pytest.param(["--param_mode", "lora", "--beta", "0.05", "--first_agent", "meta_thinking"], id="lora-reference-mta-first"),
+    pytest.param(["--param_mode", "lora", "--beta", "0.05", "--first_agent", "meta_thinking", "--num_train_epochs", "1"],
+                 id="lora-reference-mta-first"),
     pytest.param(["--param_mode", "full", "--advantage_estimator", "grpo", "--first_agent", "meta_thinking",
                   "--mini_batch_size", "8", "--micro_batch_size", "2", "--num_train_epochs", "1"],
                  id="full-no-reference-minibatches"),
@@ -180,10 +183,10 @@ def test_fsdp2_checkpoints_load_with_from_pretrained_and_eval(full_runs, tiny_mo
 @pytest.mark.parametrize("args", [pytest.param([], id="shared-parameters"),
                                   pytest.param(["--no-param_sharing", "--switch_freq", "2"], id="separate-parameters")])
 def test_multiturn_matches_ddp(tmp_path, copy_task, args):
-    steps = ["--total_steps", "4", *EVERY_STEP]
+    steps = ["--total_steps", "3", *EVERY_STEP]
     fsdp = multiturn.run(tmp_path, copy_task, *args, *steps, launcher=LAUNCH_FSDP, name="fsdp")
     ddp = multiturn.run(tmp_path, copy_task, *args, *steps, launcher=LAUNCH_2, name="ddp")
-    assert_matches_ddp(fsdp, ddp, steps=4)
+    assert_matches_ddp(fsdp, ddp, steps=3)
     if args:  # the MTA for 2 steps, then the RA: both trained
         final = find_checkpoint(fsdp)
         assert all(changed_tensors(copy_task[0], final / agent) > 0 for agent in ("meta_thinking", "reasoning"))

@@ -150,6 +150,24 @@ def test_rema_single_vllm_two_processes(tmp_path, tiny64):
     assert changed_tensors(tiny64, find_checkpoint(run_dir) / "policy") > 0
 
 
+@pytest.mark.parametrize("param_mode", ["full", "lora"])
+def test_rema_single_vllm_fsdp2(tmp_path, tiny64, param_mode):
+    """FSDP2 on 2 CPU processes (configs/cpu_2proc_fsdp.yaml): each process's engine is pushed the full weights,
+    gathered from the shards (a LoRA agent's merged into the base), and holds exactly the trainer's after each step."""
+    if not HAS_VLLM:
+        pytest.skip("vLLM is not installed (setup_vllm.sh)")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(multiturn.ROOT / "configs" / "cpu_2proc_fsdp.yaml")]
+    run_dir = run(tmp_path, tiny64, *ENGINE, "--param_mode", param_mode, "--learning_rate", "1e-2", "--schedule",
+                  "switch", "--no-filter", "--total_steps", "2", "--switch_freq", "1", launcher=launcher)
+    assert len(vllm_rows(run_dir)) == 2
+    ckpt = find_checkpoint(run_dir)
+    if param_mode == "lora":
+        assert lora_b_norms(ckpt, "meta_thinking") > 0 and lora_b_norms(ckpt, "reasoning") > 0
+    else:
+        assert all(changed_tensors(tiny64, ckpt / agent) > 0 for agent in ("meta_thinking", "reasoning"))
+
+
 @pytest.mark.parametrize("extra", [[], ["--no-param_sharing", "--param_mode", "lora", "--switch_freq", "1",
                                         "--learning_rate", "1e-2"]], ids=["shared", "separate_lora"])
 def test_rema_multiturn_vllm(tmp_path, copy_task64, extra):

@@ -42,7 +42,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, trainer_state: dict, 
     for i in fresh:
         optimizers[i].state.clear()
     for name, model in hf_models.items():
-        state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP / ZeRO-3
+        state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP2 (to the main process)
         accelerator.unwrap_model(model).save_pretrained(
             tmp / name, state_dict=state_dict, is_main_process=accelerator.is_main_process, save_function=accelerator.save
         )

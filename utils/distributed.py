@@ -116,3 +116,13 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def peak_memory(accelerator: Accelerator, phase: str) -> dict[str, float]:
+    """On CUDA: the peak memory allocated since the last call, in GiB, the largest over the processes, as
+    `memory/<phase>_peak_gib` (then the peak restarts); on other devices nothing. Collective on CUDA."""
+    if accelerator.device.type != "cuda":
+        return {}
+    peak = torch.tensor(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, device=accelerator.device)
+    torch.cuda.reset_peak_memory_stats(accelerator.device)
+    return {f"memory/{phase}_peak_gib": accelerator.reduce(peak, reduction="max").item()}

@@ -115,7 +115,7 @@ def generate(
     position ids from the attention mask, so padded and unpadded prompts give the same tokens), and the results
     are returned in the input order.
 
-    With sharded weights (FSDP, ZeRO-3) every forward pass all-gathers parameters, so every process must run the
+    With sharded weights (FSDP2) every forward pass all-gathers parameters, so every process must run the
     same number of forward passes: pass `synced_gpus=True` (HF keeps finished processes stepping) and give every
     process the same number of prompts (hence of batches).
 

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 from dataclasses import dataclass
@@ -146,6 +147,14 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, gradient_checkpoin
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the cache is switched back on per call in generation
     return model
+
+
+def training_autocast(device: torch.device, bf16: bool):
+    """bf16 autocast over float32 weights for the trainer's forward passes, or nothing. Its cast cache is off: each
+    weight is used once per forward pass, so the cache saves no cast, but it would keep a bf16 copy of every weight
+    until the forward ends, 2 bytes x all parameters per process even when FSDP2 shards them (15 GiB for a 7B model;
+    measured on CPU: a 6-layer model's forward peak 76 MiB with the cache, 50 without). Same values either way."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else nullcontext()
 
 
 def load_eval_model(path: str, dtype: torch.dtype = torch.float32):

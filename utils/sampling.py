@@ -5,7 +5,7 @@ What the call hides (plumbing, not the algorithm):
   which is first made to hold the agent's current weights (`utils/vllm_engine.py`);
 - seeded sampling: every prompt samples from its own random stream, seeded by its key alone (e.g. ("rollout", step,
   question, sample)), so a sample does not depend on its batch or process, and a resumed run draws it again;
-- sharded weights (FSDP, ZeRO-3): every process must run the same forward passes, so short shares are padded;
+- sharded weights (FSDP2): every process must run the same forward passes, so short shares are padded;
 - SIGTERM: generation stops between batches, and `Preempted` is raised on every process together;
 - the time spent per phase (`sampler.times`, logged as time/<phase>).
 
