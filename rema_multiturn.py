@@ -36,6 +36,7 @@ Departures from the paper / official code, all deliberate:
  8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 2 turns of 64 tokens, higher learning rate, temperature 0.7,
     no reward mask (the untrained model never writes [FINISH]) and no stop on truncation; the paper's value is in
     the docstring of every flag, and `--preset paper-qwen2.5-7b` sets them all.
+ 9. With separate parameters each agent's AdamW state persists across the switches (not stated in the paper).
 """
 
 import math

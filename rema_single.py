@@ -30,6 +30,10 @@ Departures from the paper / official code, all deliberate:
     the same; utils/sampling.py): the engine's bf16 kernels sample from a slightly different policy than pi_old.
  8. The grader reads the reply's final answer (the last box, or the answer it commits to) and compares it whole;
     `--grading.grader official` restores the official configuration (docs/grading.md).
+ 9. GRPO divides by the group's std + 1e-4 (TRL's epsilon); rema_multiturn.py keeps the official code's 1e-6.
+10. Not stated in the paper, chosen here: each agent's AdamW state persists across the phases and rounds of
+    Algorithm 1 (an agent resumes its moments when its turn comes again), and the KL reference stays the initial
+    model for the whole run. The prompt filter is ReMA's (App. D.1): the VRP / MRP paper presets train unfiltered.
 """
 
 import math
@@ -86,7 +90,8 @@ class Args:
     meta_reward: str = "accuracy"
     """R_h, one of META_SCORES: accuracy (mean RA correctness under the plan; paper) or consistency (App. E.1)"""
     filter: bool = True
-    """schedule=alternate: build D_l / D_h with the prompt filter (App. D.1); --no-filter: the whole train set"""
+    """schedule=alternate: build D_l / D_h with the prompt filter (App. D.1); --no-filter: the whole train set (the
+    paper presets of the VRP / MRP baselines, whose #TrainingEpisode is epochs over the entire dataset)"""
     prompt_filter: FilterArgs = field(default_factory=FilterArgs)
     # ---- rollout ----
     rollout_batch_size: int = 8
@@ -172,7 +177,9 @@ def meta_reward(plan: str, solutions: list[str], correct: list[float], kind: str
 # ---- ADVANTAGES: each estimator maps the rollout's rewards (N,) to one advantage per token (N, C) -------------------
 def reinforce_pp_advantages(rewards, mask, old_logp, ref_logp, group_size, args, accelerator) -> torch.Tensor:
     """REINFORCE++ (OpenRLHF): token rewards r_t = -beta * (logp_t - logp_ref_t) (k1), plus R on the last token;
-    returns G_t = sum_{k >= t} r_k (gamma = 1); advantages = returns whitened over all tokens of the global batch."""
+    returns G_t = sum_{k >= t} r_k (gamma = 1); advantages = returns whitened over all tokens of the global batch, as
+    OpenRLHF: (G - mean) / sqrt(max(var, 1e-8)), so that when every outcome ties, the KL noise alone is not blown up
+    to unit-variance advantages."""
     token_rewards = torch.zeros_like(mask)  # (N, C)
     if args.beta > 0:
         token_rewards = -args.beta * (old_logp - ref_logp) * mask
@@ -182,8 +189,8 @@ def reinforce_pp_advantages(rewards, mask, old_logp, ref_logp, group_size, args,
     stats = torch.stack([returns.sum(), (returns**2).sum(), mask.sum()])
     total, total_sq, count = accelerator.reduce(stats, reduction="sum").tolist()
     mean = total / count
-    std = math.sqrt(max(total_sq / count - mean**2, 0.0))
-    return (returns - mean) / (std + 1e-8) * mask
+    var = max(total_sq / count - mean**2, 0.0)
+    return (returns - mean) / math.sqrt(max(var, 1e-8)) * mask  # OpenRLHF: (x - mean) * rsqrt(max(var, 1e-8))
 
 
 def grpo_advantages(rewards, mask, old_logp, ref_logp, group_size, args, accelerator) -> torch.Tensor:
@@ -427,6 +434,17 @@ def phase_steps(agent_name: str, questions: int, args: Args, built: bool = False
     return math.ceil(items / args.rollout_batch_size) * args.num_train_epochs
 
 
+def epoch_order(dataset_size: int, state: dict, args: Args) -> list[int]:
+    """The order in which this epoch visits the dataset: a permutation of all of it, seeded by the epoch, and under
+    the alternate schedule also by the phase (each phase has a dataset of its own). Under the switch schedule the
+    agents change every switch_freq steps in the middle of an epoch over the one train set: the order must not
+    change with them, or an epoch would see some items twice and miss others."""
+    phase = state["phase"] if args.schedule == "alternate" else 0
+    perm = list(range(dataset_size))
+    random.Random(args.run.seed * 7919 + phase * 101 + state["epoch"]).shuffle(perm)
+    return perm
+
+
 def advance(state: dict, dataset_size: int, args: Args) -> bool:
     """Move the schedule's cursor (batch, epoch, phase) past the step just taken; True if that ended the phase."""
     state["batch"] += 1
@@ -609,8 +627,7 @@ def main(args: Args) -> None:
                 progress.phase(state["phase"], agent.name, fstats,
                                phase_steps(agent.name, len(dataset), args, built=True))
             dataset = state["dataset"] if args.schedule == "alternate" else train_set  # switch: the whole train set
-            perm = list(range(len(dataset)))
-            random.Random(args.run.seed * 7919 + state["phase"] * 101 + state["epoch"]).shuffle(perm)
+            perm = epoch_order(len(dataset), state, args)
             idx = perm[state["batch"] * args.rollout_batch_size:(state["batch"] + 1) * args.rollout_batch_size]
             idx = idx[: len(idx) // world * world]  # every process gets the same number of items
             if not idx:  # (fewer items left in the epoch than processes)
