@@ -633,3 +633,37 @@ def test_rema_single_stops_on_bad_data_before_training(tmp_path, kind):
     for text in expected:
         assert text in proc.stderr, proc.stderr[-4000:]
     assert not (tmp_path / "runs" / "bad" / "metrics.jsonl").exists()  # no training step was logged
+
+
+# ---- MATH from the hub (the single-turn paper presets' train set), on rows written here ----
+def test_math_examples_take_the_problem_and_the_last_box_of_the_solution():
+    from utils.data import math_examples
+
+    rows = [{"problem": " What is $1+1$? ", "solution": "So $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
+            {"problem": "Half?", "solution": "First \\boxed{1}, then $\\boxed{\\frac{1}{2}}$.", "level": "Level 3",
+             "type": "Prealgebra"}]
+    assert math_examples(rows, "t") == [
+        {"level": "Level 1", "type": "Algebra", "question": "What is $1+1$?", "answer": "2"},
+        {"level": "Level 3", "type": "Prealgebra", "question": "Half?", "answer": "\\frac{1}{2}"}]
+    with pytest.raises(DataError, match="t row 2: field 'solution' has no complete"):
+        math_examples([rows[0], {"problem": "x", "solution": "no box here"}], "t")
+    with pytest.raises(DataError, match="t row 1: field 'problem'"):
+        math_examples([{"solution": "\\boxed{1}"}], "t")
+
+
+def test_hendrycks_math_loads_the_seven_subjects_of_the_split(monkeypatch):
+    import datasets
+
+    from utils.data import MATH_HUB, MATH_SUBJECTS
+
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"problem": f"{config} {i}?", "solution": f"\\boxed{{{i}}}", "level": "Level 5", "type": config}
+                for i in range(2)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = load_examples("hendrycks_math", split="train")
+    assert calls == [(MATH_HUB, subject, "train") for subject in MATH_SUBJECTS]
+    assert len(rows) == 14 and rows[0] == {"level": "Level 5", "type": "algebra", "question": "algebra 0?", "answer": "0"}

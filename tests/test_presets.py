@@ -37,7 +37,7 @@ def test_paper_single_turn_values():
     assert (args.meta_max_completion_length, args.reas_max_completion_length, args.epsilon) == (2048, 2048, 0.2)
     f = args.prompt_filter
     assert (f.num_samples, f.eps_min, f.eps_max, f.pool_size, f.plans_per_question) == (10, 0.2, 0.8, None, 4)
-    assert args.lm.model == "Qwen/Qwen2.5-7B-Instruct" and args.data.train_dataset.endswith("math_train_lv3to5.jsonl")
+    assert args.lm.model == "Qwen/Qwen2.5-7B-Instruct" and (args.data.train_dataset, args.data.train_split) == ("hendrycks_math", "train")
     vrp = with_overrides(rs.Args(), overrides_of(single_turn(), "paper-llama3-8b-vrp"))
     assert (vrp.mode, vrp.num_train_epochs, vrp.optim.learning_rate) == ("vrp", 12, 2e-7)
     judge = with_overrides(rs.Args(), overrides_of(single_turn(), "paper-judge-qwen2.5-7b"))

@@ -50,6 +50,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[\w.-]+)?$")
 
 _ACCEPTED_FORMS = (
     "  - 'arithmetic' (the built-in procedural task),\n"
+    "  - 'hendrycks_math' (the MATH dataset from the hub, 7500 train / 5000 test problems: the paper's single-turn set),\n"
     f"  - a path to an existing local file ({', '.join(SUPPORTED_EXTENSIONS)}),\n"
     "  - a Hugging Face hub dataset id 'owner/name' or 'owner/name:config' (needs `pip install datasets`)."
 )
@@ -469,6 +470,47 @@ def _load_hub(source: str, split: str, question_field: str, answer_field: str) -
     return _clean_rows(ds, label, "row", question_field, answer_field)
 
 
+MATH_HUB = "EleutherAI/hendrycks_math"  # MATH (Hendrycks et al. 2021), one hub config per subject
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                 "prealgebra", "precalculus")
+
+
+def math_examples(rows: Iterable[dict], label: str) -> list[dict]:
+    """MATH rows {problem, solution, level, type} as examples: the problem is the question, the gold answer is the
+    content of the solution's last \\boxed{} (MATH's convention); level and type are kept. A row without a problem or a
+    boxed answer raises DataError naming it."""
+    from utils.grading import extract_boxed
+
+    out = []
+    for i, row in enumerate(rows, start=1):
+        where = f"{label} row {i}"
+        problem, solution = row.get("problem"), row.get("solution")
+        if not isinstance(problem, str) or not problem.strip():
+            raise DataError(f"{where}: field 'problem' is missing or empty; a MATH row needs 'problem' and 'solution'.")
+        answer = extract_boxed(solution) if isinstance(solution, str) else None
+        if not answer or not answer.strip():
+            raise DataError(f"{where}: field 'solution' has no complete \\boxed{{...}} answer to take as the gold answer.")
+        extra = {k: v for k, v in row.items() if k not in ("problem", "solution")}
+        out.append(extra | {"question": problem.strip(), "answer": answer.strip()})
+    return out
+
+
+def _load_math(split: str) -> list[dict]:
+    """The MATH split `split` (train: 7500 problems, test: 5000) from the hub: the seven subject configs of
+    EleutherAI/hendrycks_math, in subject order."""
+    import datasets
+
+    rows = []
+    for subject in MATH_SUBJECTS:
+        try:
+            ds = datasets.load_dataset(MATH_HUB, subject, split=split)
+        except Exception as e:  # network, missing split, ...: all need the user to act
+            raise DataError(f"hub dataset {MATH_HUB} (config {subject!r}, split {split!r}): could not be loaded "
+                            f"({type(e).__name__}: {e}). Check the network (or HF_HUB_OFFLINE and the local cache).") from e
+        rows += math_examples(ds, f"hub dataset {MATH_HUB}:{subject} (split {split})")
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
@@ -492,6 +534,8 @@ def load_examples(
 ) -> list[dict]:
     """Rows as dicts with at least "question" (str) and "answer" (str); every other field of the row kept as is
     (e.g. "dataset", "level"). `source` is one of:
+      - "hendrycks_math": MATH from the hub (`math_examples`: the problem, the last box of the solution), `split`
+        "train" (7500) or "test" (5000).
       - "arithmetic": the built-in procedural task (see `ArithmeticConfig`); `split` "train" or "test"
         selects one of two DISJOINT sets; `seed` fixes which expressions go where (None: the config's
         `seed`); `arithmetic` is the config (default `ArithmeticConfig()`). The field names are ignored.
@@ -512,6 +556,9 @@ def load_examples(
         arithmetic = arithmetic or ArithmeticConfig()
         rows = arithmetic_examples(arithmetic, split, arithmetic.seed if seed is None else seed)
         label = f"arithmetic (split {split})"
+    elif source == "hendrycks_math":
+        rows = _load_math(split)
+        label = f"{MATH_HUB} (split {split})"
     elif path.exists():
         rows = _load_file(path, question_field, answer_field)
         label = str(path)

@@ -3,15 +3,18 @@ with these values, and every flag given with it still overrides one. Dotted keys
 
 Single-turn (spec 2.1, App. D.1): OpenRLHF REINFORCE++ with KL 1e-2 in the reward, Adam lr 5e-7, rollouts of 1000
 prompts x 4 samples at temperature 1, 2048 new tokens, clip 0.2, prompt filter 0.2 / 0.8 from 10 samples over the
-whole train set, 4 plans per kept question, #UpdateIteration rounds of #TrainingEpisode epochs per agent. The paper's
-mini-batch of 500 sequences does not split over 8 processes; 400 (10 optimizer steps per rollout) does.
+whole train set (MATH's 7.5k train problems, Sec. 4.1), 4 plans per kept question, #UpdateIteration rounds of
+#TrainingEpisode epochs per agent. The filter is ReMA's (App. D.1): the VRP_RL / MRP_RL baselines train on the whole
+train set for #TrainingEpisode epochs. The paper's mini-batch of 500 sequences does not split over 8 processes; 400
+(10 optimizer steps per rollout) does.
 Multi-turn (spec 3.6): Qwen2.5-7B after SFT on the multi-turn conversations (sft.py), GRPO over 128 questions x 16
 trajectories, 30 turns of 512 tokens in a 4096-token context, stop on truncation, the [FINISH] reward mask, AdamW lr
 1e-6, weight decay 0.01, 4 mini-batches, 500 steps.
 """
 
-MATH = {"data.train_dataset": "../shared/data/math_train_lv3to5.jsonl",  # MATH levels 3-5 (8523 rows)
-        "data.eval_dataset": "../shared/data/math_benchmarks.jsonl", "data.eval_limit": 500}  # its first 500: MATH500
+MATH500 = {"data.eval_dataset": "../shared/data/math_benchmarks.jsonl", "data.eval_limit": 500}  # its first 500 rows
+MATH = MATH500 | {"data.train_dataset": "hendrycks_math", "data.train_split": "train"}  # Sec. 4.1: MATH's 7.5k train set
+MATH_LV3TO5 = MATH500 | {"data.train_dataset": "../shared/data/math_train_lv3to5.jsonl"}  # levels 3-5 (8523): multi-turn
 JUDGE = {"data.task": "judge", "data.train_dataset": "allenai/reward-bench",  # split here: 5000 / 970
          "data.eval_dataset": "allenai/reward-bench", "data.eval_limit": None}  # RewardBench970
 SINGLE_TURN_PAPER = {
@@ -38,12 +41,13 @@ def single_turn() -> dict[str, tuple[str, dict]]:
             presets[f"paper-{name}" + ("" if mode == "rema" else f"-{mode}")] = (
                 f"Table 1a {'ReMA' if mode == 'rema' else mode.upper() + '_RL'}, {model}",
                 SINGLE_TURN_PAPER | MATH | lr | {"lm.model": model, "mode": mode, "num_train_epochs": epochs,
-                                                  "num_update_iterations": rounds if mode == "rema" else 1})
+                                                  "num_update_iterations": rounds if mode == "rema" else 1,
+                                                  "filter": mode == "rema"})
     for name, (model, (lo, hi), (rema_epochs, baseline_epochs)) in JUDGE_MODELS.items():
         for mode in ("rema", "vrp", "mrp"):
             presets[f"paper-judge-{name}" + ("" if mode == "rema" else f"-{mode}")] = (
                 f"Table 1b {'ReMA' if mode == 'rema' else mode.upper() + '_RL'}, {model} (--judge.split loose: Table 2)",
-                SINGLE_TURN_PAPER | JUDGE | {"lm.model": model, "mode": mode, "num_update_iterations": 1,
+                SINGLE_TURN_PAPER | JUDGE | {"lm.model": model, "mode": mode, "num_update_iterations": 1, "filter": mode == "rema",
                                              "num_train_epochs": rema_epochs if mode == "rema" else baseline_epochs,
                                              "prompt_filter.eps_min": lo, "prompt_filter.eps_max": hi})
     return presets
@@ -53,7 +57,7 @@ def multi_turn() -> dict[str, tuple[str, dict]]:
     return {
         "cpu": ("CPU-sized: SmolLM2-135M on a + b, 2 turns of 64 tokens, no reward mask", {}),
         "paper-qwen2.5-7b": ("Sec. 4.3 multi-turn ReMA: Qwen2.5-7B after sft.py (runs/sft_qwen7b/model), MATH levels 3-5",
-                             MATH | {"lm.model": "runs/sft_qwen7b/model", "rollout_batch_size": 128, "num_generations": 16,
+                             MATH_LV3TO5 | {"lm.model": "runs/sft_qwen7b/model", "rollout_batch_size": 128, "num_generations": 16,
                                      "max_turns": 30, "max_completion_length": 512, "max_context_length": 4096,
                                      "mask_unfinished_reward": True, "stop_when_truncated": True, "temperature": 1.0,
                                      "optim.learning_rate": 1e-6, "optim.weight_decay": 0.01, "num_mini_batches": 4,
