@@ -11,7 +11,8 @@ saw. Answers are graded by utils/grading.py (`--grading.grader official`: the of
 by default, as in the paper; `--num_samples k` samples k answers per question at `--temperature` and reports mean@k
 and pass@k. When --model is a checkpoint of a training run (runs/X/checkpoints/step_K/<agent>), the run's
 config.json supplies what evaluation must share with it: rema_multiturn's turn limits, and for the judge the split
-of RewardBench (a split file drawn otherwise is refused).
+of RewardBench (a split file drawn otherwise is refused). Any other model evaluated with rema_multiturn needs
+--preset (the rema_multiturn.py preset whose turn limits to use) or the limits as flags.
 
 Outputs in `{output_dir}/{exp_name}/`: `generations-<rank>.jsonl` (every generation with its extracted answer and
 grade, written as it goes), `results.md` (the Markdown table, also printed) and `results.json`. Re-running the same
@@ -100,6 +101,9 @@ class Args:
     """rema_multiturn: max tokens of the conversation an agent is prompted with (None: the training run's)"""
     stop_when_truncated: bool | None = None
     """rema_multiturn: end a conversation when a turn is truncated (None: as the training run did)"""
+    preset: str | None = None
+    """rema_multiturn: when --model is not a training run's checkpoint (an sft.py output, a hub model), the preset of
+    rema_multiturn.py whose turn limits to use (cpu, paper-qwen2.5-7b); flags still override each limit"""
     batch_size: int = 64
     """sequences per generate() call (HF backend)"""
     backend: Literal["hf", "vllm"] = "hf"
@@ -262,16 +266,33 @@ def markdown_judge(rows: dict, method: str) -> str:
 
 def resolve_limits(args: Args, run: dict | None) -> Args:
     """Fill the length limits left unset: 2048 new tokens per answer and plan (the paper's evaluation); for
-    rema_multiturn the training run's turn limits (its config.json), or rema_multiturn.py's defaults."""
+    rema_multiturn the turn limits of the training run (its config.json), else of --preset; a limit that neither
+    these nor a flag give is refused (a model evaluated with limits it was not trained with scores misleadingly)."""
     if args.method != "rema_multiturn":
         return replace(args, max_completion_length=args.max_completion_length or 2048,
                        meta_max_completion_length=args.meta_max_completion_length or 2048)
     from rema_multiturn import Args as TrainArgs  # (a training script, imported only for this method)
+    from utils.config import with_overrides
+    from utils.presets import multi_turn
 
-    trained = TrainArgs()
-    limits = {k: getattr(trained, k) for k in ("max_completion_length", "max_turns", "max_context_length", "stop_when_truncated")}
-    limits |= {k: run[k] for k in limits if run and k in run}
-    return replace(args, **{k: v if getattr(args, k) is None else getattr(args, k) for k, v in limits.items()})
+    keys = ("max_completion_length", "max_turns", "max_context_length", "stop_when_truncated")
+    if run:
+        limits = {k: run[k] for k in keys if k in run}
+    elif args.preset is not None:
+        presets = multi_turn()
+        if args.preset not in presets:
+            raise SystemExit(f"eval.py: unknown --preset {args.preset!r}; rema_multiturn.py's presets: {', '.join(presets)}")
+        trained = with_overrides(TrainArgs(), presets[args.preset][1])
+        limits = {k: getattr(trained, k) for k in keys}
+    else:
+        limits = {}
+    limits |= {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    missing = [k for k in keys if k not in limits]
+    if missing:
+        raise SystemExit(f"eval.py: --method rema_multiturn needs the turn limits the model was trained with, and "
+                         f"{args.model} is not a training run's checkpoint (no config.json beside it): pass --preset "
+                         f"(cpu, paper-qwen2.5-7b) or --{' --'.join(missing)}")
+    return replace(args, **limits)
 
 
 def main(args: Args) -> None:

