@@ -555,7 +555,7 @@ def main(args: Args) -> None:
     assert steps_per_epoch >= 1, f"the train set ({len(train_set)} rows) is smaller than --rollout_batch_size"
     state = ckpt.resume(args.run.resume, logger) or dict(step=0, epoch=0, batch=0, evaluated_at=None)
     # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
-    plan = {"memory": memory_plan.header(args, "multiturn", path, world, accelerator.device)} if world > 1 and main_proc else {}
+    plan = {"memory": memory_plan.header(args, "multiturn", path, accelerator)} if world > 1 and main_proc else {}
     progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
         "run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
         "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "

@@ -593,7 +593,7 @@ def main(args: Args) -> None:
                              args.switch_freq)
     state = ckpt.resume(args.run.resume, logger) or dict(step=0, phase=0, epoch=0, batch=0, dataset=None, evaluated_at=None)
     # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
-    plan = {"memory": memory_plan.header(args, "single", path, world, accelerator.device)} if world > 1 and main_proc else {}
+    plan = {"memory": memory_plan.header(args, "single", path, accelerator)} if world > 1 and main_proc else {}
     progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
         "run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
         "schedule": f"{args.schedule}: {' -> '.join(phases[:len(names)])} ({len(phases)} phases"

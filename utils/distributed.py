@@ -59,14 +59,10 @@ def make_accelerator(find_unused_parameters: bool) -> Accelerator:
     if launched != accelerator.num_processes:
         raise SystemExit(f"the launcher started WORLD_SIZE={launched} processes but accelerate sees "
                          f"{accelerator.num_processes}; launch with `accelerate launch --config_file ...`")
-    if _wants("FSDP") and not is_fsdp2(accelerator):
+    if _wants("FSDP") and not accelerator.is_fsdp2:
         raise SystemExit(f"the accelerate config asks for FSDP, but accelerate runs {accelerator.distributed_type} "
                          "with FSDP version 1 or none; this project supports FSDP2 (fsdp_version: 2, configs/fsdp.yaml)")
     return accelerator
-
-
-def is_fsdp2(accelerator: Accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.fsdp_version == 2
 
 
 def weights_are_sharded(accelerator: Accelerator) -> bool:

@@ -67,12 +67,12 @@ def model_config(model: str, config_path: str | None = None):
     preset model's shape when the hub is out of reach."""
     from transformers import AutoConfig
 
-    if config_path is None and model not in KNOWN_CONFIGS:
-        return AutoConfig.from_pretrained(model)
     if config_path is None:
         try:
             return AutoConfig.from_pretrained(model)
         except (OSError, ValueError):  # no hub access (or a preset's not yet written SFT output): the shipped shape
+            if model not in KNOWN_CONFIGS:
+                raise
             config_path = str(ROOT / "bench" / "configs" / KNOWN_CONFIGS[model])
     fields = json.loads(Path(config_path).read_text())
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -267,21 +267,19 @@ def report(args, script: str, gpus: int, gpu_gib: float, sharded: bool = True, c
     return "\n".join(lines), fits
 
 
-def header(args, script: str, path: str, world: int, device) -> str:
-    """The plan's verdict for a run of `world` processes on `device`, for the training scripts' header."""
+def header(args, script: str, path: str, accelerator) -> str:
+    """The plan's verdict for this run's processes and device, for the training scripts' header."""
     import torch
 
-    if device.type != "cuda":
-        gpu_gib = 80.0
-        where = "on 80 GiB GPUs (this run is on CPU)"
-    else:
-        gpu_gib = torch.cuda.get_device_properties(device).total_memory / GIB
-        where = "on this GPU"
-    from accelerate.state import AcceleratorState
+    from utils.distributed import weights_are_sharded
 
-    sharded = AcceleratorState().distributed_type.value == "FSDP"
+    world, device = accelerator.num_processes, accelerator.device
+    if device.type != "cuda":
+        gpu_gib, where = 80.0, "on 80 GiB GPUs (this run is on CPU)"
+    else:
+        gpu_gib, where = torch.cuda.get_device_properties(device).total_memory / GIB, "on this GPU"
     shape = model_shape(model_config(path), args.lora)
-    plan = parts(shape, setting_of(args, script), world, gpu_gib, sharded)
+    plan = parts(shape, setting_of(args, script), world, gpu_gib, weights_are_sharded(accelerator))
     return f"{verdict(plan, gpu_gib)} {where} (python -m utils.memory_plan --preset {args.preset} --gpus {world})"
 
 
