@@ -65,6 +65,7 @@ from utils.presets import multi_turn
 from utils.sampling import importance_weights, make_sampler
 from utils.task import TASKS
 from utils.tracking import RunLogger, RunProgress
+from utils.validate import above, at_least, check_ranges, refuse
 
 ROLES = ["meta_thinking", "reasoning"]  # the MTA always speaks first
 PREFIX = {"meta_thinking": "meta", "reasoning": "reas"}
@@ -257,11 +258,31 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
 
 
 # ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
+# the valid range of each numeric option of Args (the shared groups': utils/validate.py, SHARED), checked right after
+# parsing (parse_args) and again by validate(): a bad value exits with status 2 and a message naming the flag
+RANGES = {
+    "switch_freq": at_least(1), "total_steps": at_least(1), "rollout_batch_size": at_least(1),
+    "num_generations": at_least(1), "max_turns": at_least(1), "max_completion_length": at_least(1),
+    "max_context_length": at_least(1), "temperature": above(0), "epsilon": above(0), "epsilon_high": above(0),
+    "dual_clip": above(1),  # it caps the loss of negative advantages at -A c
+    "log_ratio_cap": above(0), "num_iterations": at_least(1), "num_mini_batches": at_least(1),
+    "micro_batch_size": at_least(1),
+}
+
+
+def parse_args() -> Args:
+    """The command line over its preset, every numeric option checked against its range before anything loads."""
+    return check_ranges(cli(Args, multi_turn(), "rema_multiturn.py"), RANGES, "rema_multiturn.py")
+
+
 def validate(args: Args, accelerator) -> None:
+    """The ranges, then the options that depend on each other or on the number of processes; a violation prints
+    its message to stderr and exits with status 2."""
+    check_ranges(args, RANGES, "rema_multiturn.py")
     world = accelerator.num_processes
     def need(ok: bool, msg: str):
         if not ok:
-            raise SystemExit(f"rema_multiturn.py: {msg}")
+            refuse(f"rema_multiturn.py: {msg}")
 
     B, G = args.rollout_batch_size, args.num_generations
     need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
@@ -660,6 +681,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(cli(Args, multi_turn(), "rema_multiturn.py"))
+        main(parse_args())
     except DataError as error:  # a bad data file: say which file, line and field, without a traceback
         raise SystemExit(f"rema_multiturn.py: data error: {error}")

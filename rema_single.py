@@ -63,6 +63,7 @@ from utils.presets import single_turn
 from utils.sampling import importance_weights, make_sampler, sampler_logprobs
 from utils.task import TASKS
 from utils.tracking import RunLogger, RunProgress
+from utils.validate import above, at_least, check_ranges, refuse
 
 AGENTS = {"rema": ["meta_thinking", "reasoning"], "vrp": ["policy"], "mrp": ["policy"]}
 PREFIX = {"meta_thinking": "meta", "reasoning": "reas", "policy": "policy"}
@@ -273,11 +274,31 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
 
 
 # ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
+# the valid range of each numeric option of Args (the shared groups': utils/validate.py, SHARED), checked right after
+# parsing (parse_args) and again by validate(): a bad value exits with status 2 and a message naming the flag
+RANGES = {
+    "num_update_iterations": at_least(1), "num_train_epochs": at_least(1), "switch_freq": at_least(1),
+    "total_steps": at_least(1), "rollout_batch_size": at_least(1), "num_generations": at_least(1),
+    "reas_samples_per_plan": at_least(1), "temperature": above(0), "meta_max_completion_length": at_least(1),
+    "reas_max_completion_length": at_least(1), "beta": at_least(0),  # 0: no KL term, no reference model
+    "epsilon": above(0), "epsilon_high": above(0), "num_iterations": at_least(1), "mini_batch_size": at_least(1),
+    "micro_batch_size": at_least(1),
+}
+
+
+def parse_args() -> Args:
+    """The command line over its preset, every numeric option checked against its range before anything loads."""
+    return check_ranges(cli(Args, single_turn(), "rema_single.py"), RANGES, "rema_single.py")
+
+
 def validate(args: Args, accelerator) -> None:
+    """The ranges, then the options that depend on each other or on the number of processes; a violation prints
+    its message to stderr and exits with status 2."""
+    check_ranges(args, RANGES, "rema_single.py")
     world = accelerator.num_processes
     def need(ok: bool, msg: str):
         if not ok:
-            raise SystemExit(f"rema_single.py: {msg}")
+            refuse(f"rema_single.py: {msg}")
 
     B, G, f = args.rollout_batch_size, args.num_generations, args.prompt_filter
     need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
@@ -706,6 +727,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(cli(Args, single_turn(), "rema_single.py"))
+        main(parse_args())
     except DataError as error:  # a bad data file: say which file, line and field, without a traceback
         raise SystemExit(f"rema_single.py: data error: {error}")

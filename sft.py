@@ -36,6 +36,7 @@ from utils.distributed import clip_grad_norm, grad_sync, make_accelerator
 from utils.judge_data import arithmetic_pairs, format_demonstrations
 from utils.models import end_of_turn_ids, load_model, load_tokenizer, resolve_model, training_autocast
 from utils.tracking import RunLogger
+from utils.validate import SEED, above, at_least, check_ranges, refuse
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data" / "multiturn_sft"
 SFT_META_SYSTEM_PREFIX = "You are a meta-think agent"  # how the data's meta-thinking rows are recognised
@@ -88,6 +89,20 @@ class Args:
     """where the fine-tuned model (Hugging Face format), metrics.jsonl and TensorBoard logs go"""
 
 
+# the valid range of each numeric option of Args (--arithmetic.*: utils/validate.py, SHARED), checked right after
+# parsing: a bad value exits with status 2 and a message naming the flag, before the model loads
+RANGES = {
+    "limit": at_least(1), "max_length": at_least(1), "learning_rate": above(0), "weight_decay": at_least(0),
+    "num_train_epochs": at_least(1), "batch_size": at_least(1), "micro_batch_size": at_least(1),
+    "max_grad_norm": above(0), "seed": SEED,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line (sys.argv by default), every numeric option checked against its range."""
+    return check_ranges(tyro.cli(Args, args=argv), RANGES, "sft.py")
+
+
 def conversation(row: dict, system_prompt: str, reas_finish: str = "keep") -> list[dict]:
     """A LlamaFactory alpaca-with-history row as chat messages. `load_examples` stores the row's `instruction` and
     `output` under "question" and "answer"."""
@@ -129,10 +144,11 @@ def encode(tokenizer, messages: list[dict], stop_ids: set[int], max_length: int)
 
 
 def main(args: Args) -> None:
+    check_ranges(args, RANGES, "sft.py")  # (again: main may be called without parse_args)
     accelerator = make_accelerator(find_unused_parameters=False)
     rank, world = accelerator.process_index, accelerator.num_processes
     if args.batch_size % (args.micro_batch_size * world):
-        raise SystemExit(f"sft.py: --batch_size {args.batch_size} must be a multiple of micro_batch_size x processes "
+        refuse(f"sft.py: --batch_size {args.batch_size} must be a multiple of micro_batch_size x processes "
                          f"({args.micro_batch_size} x {world})")
     out = Path(args.output_dir)
     logger = RunLogger(out, asdict(args), enabled=accelerator.is_main_process, run_name="sft")
@@ -226,6 +242,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args())
     except DataError as error:  # a bad data file: say which file, line and field, without a traceback
         raise SystemExit(f"sft.py: data error: {error}")
