@@ -19,9 +19,12 @@ grade, written as it goes), `results.md` (the Markdown table, also printed) and 
 command resumes: questions already in the JSONL files are not generated again.
 
 `--task judge` evaluates pair ranking (LLM-as-a-Judge): rows {question, response_A, response_B, label: "A>B" | "B>A"}
-(JudgeBench by default; a RewardBench970 file of the same shape works), every pair judged in both orders. It reports
-the accuracy of the verdict, the accuracy with the two responses swapped, and the share of pairs judged right in
-both orders (position bias shows as a gap). Verdicts are read strictly (utils/grading.parse_verdict).
+(JudgeBench by default; a RewardBench970 file of the same shape works), every pair judged in both orders: a source
+that holds both orders of its pairs (RewardBench's test split, the built-in pairs, a split file) is judged item by
+item as it gives them; one that gives each pair once (JudgeBench) is judged as given and with the responses swapped.
+It reports the accuracy over every judgement (the headline, the paper's metric: see summarize_judge), the accuracy
+on the items whose right verdict is A and on those where it is B, the mean of the two, and the share of pairs judged
+right in both orders (position bias shows as a gap). Verdicts are read strictly (utils/grading.parse_verdict).
 
 `accelerate launch` splits the questions over processes, each with its own copy of the model(s).
 """
@@ -48,6 +51,7 @@ from utils.judge_data import SplitSpec, check_same_split, is_rewardbench, load_j
 from utils.models import end_of_turn_ids, load_eval_model, load_tokenizer, resolve_model
 from utils.task import TASKS
 from utils.vllm_engine import VLLMEngine
+from utils.validate import SEED, above, at_least, check_ranges, within
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 BENCHMARKS = ("MATH500", "gsm8k", "aime24", "amc23", "gaokao2023en", "minerva_math", "olympiadbench")
@@ -180,11 +184,14 @@ def arithmetic_of(args: Args, run: dict | None) -> ArithmeticConfig:
     return ArithmeticConfig(**run["arithmetic"]) if run and "arithmetic" in run else args.arithmetic
 
 
-def judge_rows(source: str, args: Args, run: dict | None) -> list[dict]:
-    """Pair-ranking rows of one source, with "answer" = the label ("A>B" / "B>A"). RewardBench and 'arithmetic' (the
-    built-in pairs) give their test split by the one split definition (utils/judge_data.py), in the training run's
-    settings when there is one; each pair once, in its original order (eval.py judges both orders itself). A split
-    file written by `python -m utils.judge_data` must belong to the run's split."""
+def judge_rows(source: str, args: Args, run: dict | None) -> tuple[list[dict], bool]:
+    """(rows, both_given): the pair-ranking rows of one source, with "answer" = the label ("A>B" / "B>A"), and whether
+    the source gives the orders itself. RewardBench and 'arithmetic' (the built-in pairs) give their test split by the
+    one split definition (utils/judge_data.py), in the training run's settings when there is one: every item of it,
+    both orders, each judged once as given (swapping one would judge the other order even where that order is a
+    training item, as the loose split allows). So does a split file written by `python -m utils.judge_data` (it must
+    belong to the run's split), and any file in which some pair appears in both orders. A file that gives each pair
+    once (JudgeBench) is judged as given and swapped."""
     judge = JudgeArgs(**run["judge"]) if run and "judge" in run else args.judge
     trained_on = run["data"]["train_dataset"] if run and run.get("data", {}).get("task") == "judge" else None
     if trained_on and is_rewardbench(trained_on):
@@ -195,20 +202,33 @@ def judge_rows(source: str, args: Args, run: dict | None) -> list[dict]:
         items = load_judge_examples(source, "test", mode=judge.split, train_size=judge.train_size, test_size=judge.test_size,
                                     split_seed=judge.split_seed, arithmetic=arithmetic_of(args, run), max_error=judge.max_error)
         return [{k: it[k] for k in ("question", "response_A", "response_B")} | {"answer": it["label"]}
-                for it in items if it["label"] == "A>B"]
-    return load_examples(source, args.question_field, args.answer_field or "label", args.split)
+                for it in items], True
+    rows = load_examples(source, args.question_field, args.answer_field or "label", args.split)
+    given = {(r["question"], r.get("response_A"), r.get("response_B")) for r in rows
+             if isinstance(r.get("response_A"), str) and isinstance(r.get("response_B"), str)}
+    mirrored = any((q, b, a) in given for q, a, b in given if a != b)
+    return rows, mirrored or read_split_spec(source) is not None
+
+
+def pair_of(rows: list[dict]) -> list[int]:
+    """For each row, the index of the first row of its pair: the same question and the same two responses, in either
+    order (so the two orders of a pair share it)."""
+    first: dict = {}
+    return [first.setdefault((r["question"], *sorted((r["response_A"], r["response_B"]))), i)
+            for i, r in enumerate(rows)]
 
 
 def load_questions(args: Args, run: dict | None = None) -> list[dict]:
-    """Every (benchmark, index) question to evaluate, in a fixed order; judge rows also carry the two responses and
-    the better one ("A" or "B") as their answer."""
+    """Every (benchmark, index) question to evaluate, in a fixed order; judge rows also carry the two responses, the
+    better one ("A" or "B") as their answer, "pair" (the index of the first row of their pair, pair_of) and "swap"
+    (True: the source gives the pair in one order only, so it is also judged with the responses swapped)."""
     judge = args.task == "judge"
     sources = args.datasets or (str(SHARED_DATA / ("judgebench_gpt4o.jsonl" if judge else "math_benchmarks.jsonl")),)
     answer_field = args.answer_field or ("label" if judge else "answer")
     questions = []
     for source in sources:
-        rows = judge_rows(source, args, run) if judge else load_examples(
-            source, args.question_field, answer_field, args.split, arithmetic=arithmetic_of(args, run))
+        rows, both_given = judge_rows(source, args, run) if judge else (load_examples(
+            source, args.question_field, answer_field, args.split, arithmetic=arithmetic_of(args, run)), True)
         by_bench = defaultdict(list)
         for i, row in enumerate(rows):
             if judge:
@@ -226,41 +246,71 @@ def load_questions(args: Args, run: dict | None = None) -> list[dict]:
         else:  # the whole source is one benchmark, named after it
             wanted = list(by_bench)
         for bench in wanted:
-            for i, row in enumerate(by_bench.get(bench, [])[: args.limit]):
+            chosen = by_bench.get(bench, [])[: args.limit]
+            pairs = pair_of(chosen) if judge else [None] * len(chosen)
+            for i, (row, pair) in enumerate(zip(chosen, pairs)):
                 questions.append({"benchmark": bench, "index": i} | {k: row[k] for k in
-                                  ("question", "answer", "response_A", "response_B") if k in row})
+                                  ("question", "answer", "response_A", "response_B") if k in row}
+                                 | ({"pair": pair, "swap": not both_given} if judge else {}))
     if not questions:
         raise DataError(f"no questions found for benchmarks {args.benchmarks} in {sources} "
                         f"(field --dataset_field {args.dataset_field!r})")
     return questions
 
 
+JUDGE_ORDERS = {"A": "A>B", "B": "B>A"}  # the right verdict of a judgement -> the order of the pair it saw
+JUDGE_METRICS = ("accuracy", "A>B", "B>A", "order_mean", "both")
+
+
 def summarize_judge(records: list[dict], benchmarks: list[str]) -> dict:
-    """Per benchmark, in %: verdict accuracy in the original order, with the responses swapped, and in both orders
-    (the same sample judged right both ways); means over samples."""
+    """Per benchmark, in %, means over samples (records: eval.py's, with "gold", "correct" and "pair"):
+
+    - accuracy, the headline: over every judgement, both orders. It is the metric of the paper's Tables 1b and 2:
+      every RewardBench970 number there is a multiple of 100/970 (one judgement per test item, the two orders of a
+      pair being two of the 970 items) and every JudgeBench number a multiple of 100/620 (each pair judged in both
+      orders, each order one judgement), where a score per pair would be a multiple of 100/(number of pairs).
+    - "A>B", "B>A": accuracy on the judgements whose right verdict is A, and on those where it is B (a judge that
+      always writes [[A]] scores 100 and 0); order_mean: the mean of the two (equal to accuracy when every pair is
+      judged in both orders).
+    - both: the share of the pairs judged in both orders that are judged right in both, JudgeBench's own score (Tan
+      et al., ICLR 2025, section 4: a pair counts right when its two orders' verdicts agree with the label); pairs: how
+      many pairs were judged in both orders (a loose RewardBench split holds some pairs in one order only).
+
+    A share with nothing to count is None. questions: the data's rows; judged: judgements per sample. The Average row
+    is unweighted over the benchmarks (the paper's Average of RewardBench970 and JudgeBench), its counts summed."""
     rows = {}
     for bench in benchmarks:
         mine = [r for r in records if r["benchmark"] == bench]
         if not mine:
             continue
-        by_order = {(r["index"], r["sample"], r["swapped"]): r["correct"] for r in mine}
-        pairs = {(i, s) for i, s, _ in by_order}
-        rows[bench] = {"questions": len({i for i, _ in pairs}),
-                       "mean": 100 * sum(by_order.get((i, s, False), 0.0) for i, s in pairs) / len(pairs),
-                       "swapped": 100 * sum(by_order.get((i, s, True), 0.0) for i, s in pairs) / len(pairs),
-                       "both": 100 * sum(by_order.get((i, s, False), 0.0) * by_order.get((i, s, True), 0.0)
-                                         for i, s in pairs) / len(pairs)}
+        by_order, by_pair = defaultdict(list), defaultdict(list)
+        for r in mine:
+            by_order[JUDGE_ORDERS[r["gold"]]].append(r["correct"])
+            by_pair[(r.get("pair", r["index"]), r["sample"])].append((r["gold"], r["correct"]))
+        share = lambda xs: 100 * sum(xs) / len(xs) if xs else None
+        per_order = {order: share(by_order[order]) for order in JUDGE_ORDERS.values()}
+        complete = {key: judged for key, judged in by_pair.items() if {gold for gold, _ in judged} == set(JUDGE_ORDERS)}
+        rows[bench] = {"questions": len({r["index"] for r in mine}),
+                       "judged": len({(r["index"], r["swapped"]) for r in mine}),
+                       "accuracy": share([r["correct"] for r in mine])} | per_order | {
+                       "order_mean": None if None in per_order.values() else sum(per_order.values()) / 2,
+                       "both": share([min(c for _, c in judged) for judged in complete.values()]),
+                       "pairs": len({pair for pair, _ in complete})}
     if rows:
-        rows["Average"] = {"questions": sum(r["questions"] for r in rows.values())} | {
-            key: sum(r[key] for r in rows.values()) / len(rows) for key in ("mean", "swapped", "both")}
+        present = lambda key: [r[key] for r in rows.values() if r[key] is not None]
+        rows["Average"] = {key: sum(r[key] for r in rows.values()) for key in ("questions", "judged")} | {
+            key: sum(present(key)) / len(present(key)) if present(key) else None for key in JUDGE_METRICS} | {
+            "pairs": sum(r["pairs"] for r in rows.values())}
     return rows
 
 
 def markdown_judge(rows: dict, method: str) -> str:
-    lines = [f"| Benchmark | pairs | {method} accuracy | swapped | right in both orders |", "|---|---|---|---|---|"]
+    lines = [f"| Benchmark | judgements | {method} accuracy | A>B (A right) | B>A (B right) | mean of the two orders "
+             "| right in both orders | pairs in both orders |", "|---|---|---|---|---|---|---|---|"]
     for bench, r in rows.items():
         name = f"**{bench}**" if bench == "Average" else bench
-        lines.append(f"| {name} | {r['questions']} | {r['mean']:.2f} | {r['swapped']:.2f} | {r['both']:.2f} |")
+        cells = ["n/a" if r[key] is None else f"{r[key]:.2f}" for key in JUDGE_METRICS]
+        lines.append(f"| {name} | {r['judged']} | {' | '.join(cells)} | {r['pairs']} |")
     return "\n".join(lines)
 
 
@@ -295,7 +345,24 @@ def resolve_limits(args: Args, run: dict | None) -> Args:
     return replace(args, **limits)
 
 
+# the valid range of each numeric option of Args (--vllm.*, --grading.*, --judge.*, --arithmetic.*: utils/validate.py,
+# SHARED), checked right after parsing: a bad value exits with status 2 and a message naming the flag, before any model
+# loads
+RANGES = {
+    "limit": at_least(1), "num_samples": at_least(1), "temperature": above(0), "top_p": within(0, 1, lo_open=True),
+    "max_completion_length": at_least(1), "meta_max_completion_length": at_least(1), "max_turns": at_least(1),
+    "max_context_length": at_least(1), "batch_size": at_least(1), "chunk_size": at_least(1), "seed": SEED,
+    "arithmetic.train_size": at_least(0),  # evaluation reads the test split, which is drawn first: any train size
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line (sys.argv by default), every numeric option checked against its range."""
+    return check_ranges(tyro.cli(Args, args=argv), RANGES, "eval.py")
+
+
 def main(args: Args) -> None:
+    check_ranges(args, RANGES, "eval.py")  # (again: main may be called without parse_args)
     accelerator = make_accelerator(find_unused_parameters=False)
     rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if args.num_samples < 1:
@@ -317,9 +384,9 @@ def main(args: Args) -> None:
             if line.strip():
                 r = json.loads(line)
                 done.add((r["benchmark"], r["index"], r["sample"], r["swapped"]))
-    orders = (False, True) if judge else (False,)  # a judge sees every pair in both orders
-    todo = [q | {"sample": s, "swapped": o} for q in questions for s in range(k) for o in orders
-            if (q["benchmark"], q["index"], s, o) not in done]
+    # a judge sees every pair in both orders: as the source gives them, or as given and swapped (q["swap"])
+    todo = [q | {"sample": s, "swapped": o} for q in questions for s in range(k)
+            for o in ((False, True) if q.get("swap") else (False,)) if (q["benchmark"], q["index"], s, o) not in done]
     mine = todo[rank::world]
     if main_proc:
         limits = (f"{args.max_turns} turns of {args.max_completion_length} tokens, context {args.max_context_length}, "
@@ -398,6 +465,8 @@ def main(args: Args) -> None:
                     record = {"benchmark": q["benchmark"], "index": q["index"], "sample": q["sample"],
                               "swapped": q["swapped"], "question": q["question"], "gold": q["answer"],
                               "response": response, "extracted": extracted, "correct": grade} | x
+                    if judge:
+                        record["pair"] = q["pair"]  # the two orders of a pair share it
                     f.write(json.dumps(record) + "\n")
                 f.flush()
                 progress.update(len(chunk))
@@ -414,6 +483,9 @@ def main(args: Args) -> None:
                    for line in path.read_text().splitlines() if line.strip()]
         wanted = {(q["benchmark"], q["index"]) for q in questions}
         records = [r for r in records if (r["benchmark"], r["index"]) in wanted and r["sample"] < k]
+        if judge:  # the pairs of this command's questions (records of an older version have none)
+            pair = {(q["benchmark"], q["index"]): q["pair"] for q in questions}
+            records = [r | {"pair": pair[r["benchmark"], r["index"]]} for r in records]
         benchmarks = list(dict.fromkeys(q["benchmark"] for q in questions))
         rows = summarize_judge(records, benchmarks) if judge else summarize(records, benchmarks, k)
         table = markdown_judge(rows, args.method) if judge else markdown(rows, args.method, k)
@@ -425,6 +497,6 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(parse_args())
     except DataError as error:
         raise SystemExit(f"eval.py: data error: {error}")

@@ -133,12 +133,86 @@ def test_parse_verdict_is_strict(reply, verdict):
 
 
 def test_judge_summary_by_hand():
-    rec = lambda i, swapped, correct: {"benchmark": "jb", "index": i, "sample": 0, "swapped": swapped, "correct": correct}
-    records = [rec(0, False, 1.0), rec(0, True, 1.0), rec(1, False, 1.0), rec(1, True, 0.0), rec(2, False, 0.0), rec(2, True, 0.0),
-               rec(3, False, 0.0), rec(3, True, 1.0)]
-    rows = ev.summarize_judge(records, ["jb"])
-    assert rows["jb"] == {"questions": 4, "mean": 50.0, "swapped": 50.0, "both": 25.0}
-    assert ev.markdown_judge(rows, "vrp").splitlines()[2] == "| jb | 4 | 50.00 | 50.00 | 25.00 |"
+    """Both orders count: the headline is the accuracy over every judgement (the paper's metric), beside the accuracy
+    per order (by the right verdict), their mean, and the share of pairs right in both orders."""
+    def rec(bench, i, swapped, gold, correct, pair=None):
+        return {"benchmark": bench, "index": i, "sample": 0, "swapped": swapped, "gold": gold, "correct": correct,
+                "pair": i if pair is None else pair}
+
+    # jb gives each pair once: judged as given and swapped (the gold letter flips with the swap)
+    jb = [rec("jb", 0, False, "A", 1.0), rec("jb", 0, True, "B", 1.0), rec("jb", 1, False, "A", 1.0), rec("jb", 1, True, "B", 0.0),
+          rec("jb", 2, False, "B", 0.0), rec("jb", 2, True, "A", 1.0), rec("jb", 3, False, "B", 1.0), rec("jb", 3, True, "A", 1.0)]
+    # rb gives both orders as items (pairs 0 and 2), and item 4 in one order only (its other order is a training item)
+    rb = [rec("rb", 0, False, "A", 1.0, 0), rec("rb", 1, False, "B", 0.0, 0), rec("rb", 2, False, "A", 1.0, 2),
+          rec("rb", 3, False, "B", 1.0, 2), rec("rb", 4, False, "B", 1.0, 4)]
+    rows = ev.summarize_judge(jb + rb, ["jb", "rb", "none"])
+    assert list(rows) == ["jb", "rb", "Average"]
+    # jb: 6 of 8 right; A right on 4 of 4, B right on 2 of 4; pairs 0 and 3 right both ways
+    assert rows["jb"] == {"questions": 4, "judged": 8, "accuracy": 75.0, "A>B": 100.0, "B>A": 50.0, "order_mean": 75.0,
+                          "both": 50.0, "pairs": 4}
+    # rb: 4 of 5 right; A 2 of 2, B 2 of 3; of the 2 pairs in both orders, pair 2 is right in both
+    assert rows["rb"] == pytest.approx({"questions": 5, "judged": 5, "accuracy": 80.0, "A>B": 100.0, "B>A": 200 / 3,
+                                        "order_mean": 250 / 3, "both": 50.0, "pairs": 2})
+    assert rows["Average"] == pytest.approx({"questions": 9, "judged": 13, "accuracy": 77.5, "A>B": 100.0,
+                                             "B>A": (50 + 200 / 3) / 2, "order_mean": (75 + 250 / 3) / 2, "both": 50.0,
+                                             "pairs": 6})  # unweighted over benchmarks, as the paper's Average row
+    table = ev.markdown_judge(rows, "vrp").splitlines()
+    assert table[0] == ("| Benchmark | judgements | vrp accuracy | A>B (A right) | B>A (B right) | mean of the two orders "
+                        "| right in both orders | pairs in both orders |")
+    assert table[3] == "| rb | 5 | 80.00 | 100.00 | 66.67 | 83.33 | 50.00 | 2 |"
+    # a benchmark with one order only: no per-order mean and no pair in both orders (None, "n/a" in the table)
+    one = ev.summarize_judge([rec("one", 0, False, "A", 1.0), rec("one", 1, False, "A", 0.0)], ["one"])["one"]
+    assert one == {"questions": 2, "judged": 2, "accuracy": 50.0, "A>B": 50.0, "B>A": None, "order_mean": None,
+                   "both": None, "pairs": 0}
+    assert ev.markdown_judge({"one": one}, "vrp").splitlines()[2] == "| one | 2 | 50.00 | 50.00 | n/a | n/a | n/a | 0 |"
+
+
+def test_a_judge_that_always_writes_a_scores_half(tmp_path, tiny_model):
+    """A judge that answers [[A]] whatever it sees is right on every A>B item and wrong on every B>A one: 50, not 100,
+    on the built-in pairs (their test split holds both orders; only the A>B items were judged before) as on JudgeBench
+    (each pair once, judged as given and swapped), and right in both orders on no pair."""
+    driver = tmp_path / "always_a.py"
+    driver.write_text(f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import tyro
+import eval as ev
+from utils.generation import Completion
+
+def always_a(model, tokenizer, prompts, **kwargs):
+    return [Completion(tokenizer("[[A]]", add_special_tokens=False)["input_ids"], False) for _ in prompts]
+
+ev.generate = always_a
+ev.main(tyro.cli(ev.Args))
+""")
+    judgebench = ROOT.parent / "shared" / "data" / "judgebench_gpt4o.jsonl"
+    cmd = [sys.executable, str(driver), "--model", str(tiny_model), "--output_dir", str(tmp_path), "--exp_name", "always_a",
+           *FAST, "--task", "judge", "--method", "vrp", "--datasets", "arithmetic", str(judgebench), "--limit", "8"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = tmp_path / "always_a"
+    rows = records(out)
+    assert all(r["extracted"] == "A" for r in rows)
+    arithmetic = [r for r in rows if r["benchmark"] == "arithmetic"]
+    assert sorted((r["index"], r["swapped"], r["gold"]) for r in arithmetic) == [(i, False, "AB"[i % 2]) for i in range(8)]
+    assert len([r for r in rows if r["benchmark"] == "judgebench_gpt4o"]) == 16  # 8 pairs x 2 orders
+    results = json.loads((out / "results.json").read_text())["results"]
+    for bench, judged, pairs in (("arithmetic", 8, 4), ("judgebench_gpt4o", 16, 8), ("Average", 24, 12)):
+        assert {k: v for k, v in results[bench].items() if k != "questions"} == {
+            "judged": judged, "accuracy": 50.0, "A>B": 100.0, "B>A": 0.0, "order_mean": 50.0, "both": 0.0, "pairs": pairs}
+    assert (out / "results.md").read_text().splitlines()[-1] == "| **Average** | 24 | 50.00 | 100.00 | 0.00 | 50.00 | 0.00 | 12 |"
+
+
+def test_judge_sources_give_both_orders():
+    """RewardBench's test split and the built-in pairs hold both orders of their pairs: every item is judged as given
+    (no swap), the two orders sharing a pair; JudgeBench gives each pair once, so it is judged as given and swapped."""
+    questions = ev.load_questions(ev.Args(task="judge", datasets=("arithmetic",), limit=6))
+    assert [(q["answer"], q["pair"], q["swap"]) for q in questions] == [
+        ("A", 0, False), ("B", 0, False), ("A", 2, False), ("B", 2, False), ("A", 4, False), ("B", 4, False)]
+    assert questions[0]["response_A"] == questions[1]["response_B"] and questions[0]["question"] == questions[1]["question"]
+    judgebench = ev.load_questions(ev.Args(task="judge", limit=5))
+    assert [(q["index"], q["pair"], q["swap"]) for q in judgebench] == [(i, i, True) for i in range(5)]
 
 
 def test_judge_on_a_judgebench_slice_in_both_orders(tmp_path, tiny_model):
@@ -213,4 +287,6 @@ def test_judge_on_rewardbench_takes_its_test_split(tmp_path, tiny_model):
     test = load_judge_examples(str(rb), "test", train_size=32, test_size=8)
     judged = {r["question"] for r in records(out)}
     assert judged == {t["question"] for t in test}  # the test split's instructions, none of the training split's
-    assert len(records(out)) == len(test)  # each pair once per order: the A>B items, judged as given and swapped
+    assert len(records(out)) == len(test)  # each item once, as given: the split holds both orders of its pairs
+    assert sorted((r["question"], r["gold"]) for r in records(out)) == sorted((t["question"], t["label"][0]) for t in test)
+    assert not any(r["swapped"] for r in records(out))

@@ -238,7 +238,14 @@ def test_items_and_judgebench_share_the_fields_eval_reads(tmp_path):
     write_jsonl(ours, build_splits(rewardbench_rows(), "loose", 17, 29)[1])
     questions = ev.load_questions(ev.Args(task="judge", datasets=(str(ours), str(JUDGEBENCH))))
     assert Counter(q["benchmark"] for q in questions) == {"rewardbench970": 29, "judgebench_gpt4o": 350}
-    assert all(set(q) == {"benchmark", "index", "question", "answer", "response_A", "response_B"} for q in questions)
+    assert all(set(q) == {"benchmark", "index", "question", "answer", "response_A", "response_B", "pair", "swap"}
+               for q in questions)
+    # the loose split holds both orders of most of its pairs, and of some only one (the other is a training item):
+    # every item is judged as given, never swapped into a training item; JudgeBench gives each pair once: swapped too
+    ours_q = [q for q in questions if q["benchmark"] == "rewardbench970"]
+    assert not any(q["swap"] for q in ours_q) and all(q["swap"] for q in questions if q["benchmark"] == "judgebench_gpt4o")
+    sizes = Counter(Counter(q["pair"] for q in ours_q).values())
+    assert set(sizes) == {1, 2} and sizes[1] + 2 * sizes[2] == 29
 
 
 # --------------------------------------------------------------------------------------------------
