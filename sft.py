@@ -9,9 +9,9 @@ output}: the conversation is system, then each history pair, then (instruction +
 are the two views in ../shared/data/multiturn_sft/ (804 conversations each; the official ReMA-public
 `data/multi_turn_mamrp/processed/`); a hub dataset of the same shape works too.
 
-Departures from the official recipe (LlamaFactory, spec 6.2), all deliberate:
- 1. `--system_prompt rl` replaces the data's meta-thinking system prompt by the RL one (spec 8, item 9: the SFT data's
-    MTA prompt lacks the "[FINISH]" bullet that the RL prompt has); `data` (default) trains on the data as is.
+Departures from the official recipe (LlamaFactory, `scripts/sft/multi_turn_MAMRP/ps_7b_full.yaml`), all deliberate:
+ 1. `--system_prompt rl` replaces the data's meta-thinking system prompt by the RL one (docs/algorithm.md §15, item 8:
+    the SFT data's MTA prompt lacks the RL prompt's "[FINISH]" bullet); `data` (default) trains on the data as is.
  2. No sequence packing; conversations longer than `max_length` tokens are cut (the paper's cutoff is 4096).
  3. The end-of-turn token of every assistant turn is trained on; the newline the chat template puts after it is not.
  4. `--reas_finish strip` removes [FINISH] from the reasoning agent's turns (the data has it in every one; RL strips
@@ -60,8 +60,8 @@ class Args:
     system_prompt: Literal["data", "rl"] = "data"
     """meta-thinking system prompt: the data's own, or the one rema_multiturn.py uses in RL"""
     reas_finish: Literal["keep", "strip"] = "keep"
-    """the data's reasoning-agent turns end with [FINISH] (804 of 804), but in RL only the MTA's [FINISH] ends a
-    conversation and it is stripped from the RA's text: `strip` removes it from the RA's turns (spec 8, item 9)"""
+    """the data's reasoning-agent turns end with [FINISH] (804 of 804; docs/algorithm.md §15, item 8), but in RL only
+    the MTA's [FINISH] ends a conversation and it is stripped from the RA's text: `strip` removes it from its turns"""
     limit: int | None = None
     """use only the first `limit` conversations of each dataset (quick runs)"""
     max_length: int = 4096

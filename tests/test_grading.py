@@ -111,7 +111,7 @@ CASES = [
     (r"\frac{1}{2}", "0.5", 1.0),
     ("0.5", r"\frac{1}{2}", 1.0),
     (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
-    (r"\boxed{25}", "025", 1.0),  # the spec's example: leading zeros do not matter
+    (r"\boxed{25}", "025", 1.0),  # leading zeros do not matter (math-verify, the official grader, agrees)
     ("The answer is 18", "18", 1.0),  # \boxed is not required
     ("The answer is 17", "18", 0.0),
     (r"\boxed{17}", "18", 0.0),

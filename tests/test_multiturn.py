@@ -52,7 +52,7 @@ def run(tok, script, max_turns=3, max_context_length=4096, stop_when_truncated=T
     return {q: tr for q, tr in zip(script, trajs)}, gen
 
 
-# ---- the rollout state machine (spec 3.1) ----
+# ---- the rollout state machine (docs/algorithm.md §8) ----
 def test_finish_then_one_more_answer_ends_normally(tok):
     trajs, gen = run(tok, {"Q0": [("Think about it.", "eot"), ("It is 3", "eot"), ("Sure. [FINISH]", "stop"),
                                   ("\\boxed{3}", "eot")]})
@@ -107,7 +107,7 @@ def test_context_overflow(tok):
     assert mt.role_sequence(trajs["Q0"], "meta_thinking", 2) == ([2], [], [])
 
 
-# ---- what each agent sees, and the training sequences (spec 1.2, 3.2) ----
+# ---- what each agent sees, and the training sequences (docs/algorithm.md §1, §9) ----
 def test_views_equal_the_chat_template_and_labels_cover_sampled_tokens_only(tok):
     q = "Q0: what is 1 + 2?"
     script = {"Q0": [("Add 1 and 2.", "eot"), ("1 + 2 = 3 [FINISH]", "stop"), ("Box it. [FINISH]", "stop"),
@@ -153,7 +153,7 @@ def test_cut_keeps_the_token_that_completes_a_stop_string(tok):
     assert c.ids == text_ids[:3] + [2] and not c.truncated
 
 
-# ---- reward and advantages (spec 3.3, 3.4) ----
+# ---- reward and advantages (docs/algorithm.md §10, §11) ----
 def test_reward_mask():
     assert mt.trajectory_reward(1.0, mt.NORMAL, True) == 1.0
     for reason in (mt.MAX_TURNS, mt.CONTEXT_EXCEEDED, mt.TRUNCATED):
@@ -172,7 +172,7 @@ def test_grpo_advantages():
     assert mt.grpo_advantages(r, 1, True).tolist() == r.tolist()  # a group of one: mean 0, std 1 (official)
 
 
-# ---- the turn-level loss (spec 3.5): every clip_mode x ratio_form x agg_mode by hand ----
+# ---- the turn-level loss (docs/algorithm.md §12): every clip_mode x ratio_form x agg_mode by hand ----
 # seq 0: A = +1, turn 0 = tokens 0-1 (log-ratios 0.2, 0.0), turn 1 = token 3 alone (-0.4), token 2 untrained
 # seq 1: A = -1, no trained token (an agent that never spoke)
 # seq 2: A = -1, turn 0 = tokens 0-2, log-ratio 2 each: rho = e^2, so the dual clip caps its loss at -A c = 3

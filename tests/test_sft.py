@@ -35,7 +35,7 @@ def test_conversation_from_alpaca_row_and_system_prompt_choice():
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
     assert messages[2]["content"] == "Let us add." and messages[-1]["content"] == "Confirmed. [FINISH]"
     assert messages[0]["content"] == META_ROW["system"]
-    assert sft.conversation(loaded(META_ROW), "rl")[0]["content"] == prompts.MULTITURN_META_SYSTEM  # spec 8, item 9
+    assert sft.conversation(loaded(META_ROW), "rl")[0]["content"] == prompts.MULTITURN_META_SYSTEM  # the RL MTA prompt
     assert sft.conversation(loaded(REAS_ROW), "rl")[0]["content"] == REAS_ROW["system"]  # the RA prompt is the same in both
     assert sft.conversation(loaded(dict(META_ROW, input="extra")), "data")[-2]["content"] == "5 again\nextra"
 

@@ -2,8 +2,8 @@ r"""Answer grading: is a model's response correct against a gold answer?
 
 Two graders, chosen with ``Grader(mode=...)`` (training and evaluation scripts: ``--grading.grader``):
 
-``"official"`` reproduces the official ReMA reward exactly (`VERL/utils/reward_score/math_verify.py`, spec
-section 5), errors included, so that results can be compared with the paper's:
+``"official"`` reproduces the official ReMA reward exactly (`src/verl/verl/utils/reward_score/math_verify.py`),
+errors included, so that results can be compared with the paper's:
 
     verify_fn = math_metric(gold_extraction_target=(LatexExtractionConfig(),),
                             pred_extraction_target=(ExprExtractionConfig(), LatexExtractionConfig()))

@@ -2,7 +2,7 @@
 
 RewardBench (``allenai/reward-bench``, split ``filtered``, 2985 rows) holds preference pairs
 ``{prompt, chosen, rejected, chosen_model, rejected_model, subset, id}``. The judge task asks for the better of two
-responses, so every pair becomes two *items*, one per order (spec §5: 5000 + 970 = 5970 = 2 x 2985):
+responses, so every pair becomes two *items*, one per order (the paper's 5000 + 970 = 5970 = 2 x 2985):
 
     {"question": prompt, "response_A": chosen,   "response_B": rejected, "label": "A>B", "subset", "id", "pair_id": "<id>:A>B"}
     {"question": prompt, "response_A": rejected, "response_B": chosen,   "label": "B>A", "subset", "id", "pair_id": "<id>:B>A"}

@@ -1,7 +1,7 @@
 """A colocated vLLM engine for rollouts: one engine per training process, on the policy's device, in-process.
 
 At paper scale generation is most of an RL step, and vLLM samples several times faster than HF `generate`. The
-training scripts keep their own log-probabilities (the ratio uses the trainer's recomputed pi_old, spec 3.5), so
+training scripts keep their own log-probabilities (the ratio uses the trainer's pi_old, docs/algorithm.md §5), so
 vLLM only has to return sampled ids; it also returns its own sampling log-probs, which the scripts compare with
 the trainer's as a health check.
 
