@@ -105,6 +105,9 @@ class Args:
     """rema_multiturn: max tokens of the conversation an agent is prompted with (None: the training run's)"""
     stop_when_truncated: bool | None = None
     """rema_multiturn: end a conversation when a turn is truncated (None: as the training run did)"""
+    one_shot: bool = False
+    """vrp / mrp / rema on math: the worked example (7 + 5) before each question that rema_single.py's cpu preset
+    trains with; on by itself when --model is a checkpoint of a run that trained with it (its config.json)"""
     preset: str | None = None
     """rema_multiturn: when --model is not a training run's checkpoint (an sft.py output, a hub model), the preset of
     rema_multiturn.py whose turn limits to use (cpu, paper-qwen2.5-7b); flags still override each limit"""
@@ -375,6 +378,9 @@ def main(args: Args) -> None:
     set_seed(args.seed, device_specific=True)
     run = training_config(args.model)
     args = resolve_limits(args, run)
+    one_shot = args.one_shot or bool(run and run.get("one_shot") and args.method in ("vrp", "mrp", "rema"))
+    if one_shot and (judge or args.method == "rema_multiturn"):
+        raise SystemExit("eval.py: --one_shot is a worked math example for the single-turn prompts (vrp, mrp, rema)")
 
     questions = load_questions(args, run)
     # ---- resume: skip (question, sample, order) triples already written by any process of an earlier run ----
@@ -420,7 +426,7 @@ def main(args: Args) -> None:
             hf_meta = load_eval_model(meta_path).to(accelerator.device) if meta_path != path else hf_model
             model, meta = (lambda: hf_model), (lambda: hf_meta)
         grader = None if judge else Grader(args.grading.timeout, args.grading.workers, args.grading.grader)
-        task = TASKS[args.task](tokenizer, grader)  # the training scripts' prompts and scoring
+        task = TASKS[args.task](tokenizer, grader, one_shot)  # the training scripts' prompts and scoring
         gen_dtype = torch.bfloat16 if args.bf16 else None
 
         def sample(which, prompt_ids, max_new_tokens, stop_strings=()):

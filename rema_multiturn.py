@@ -6,29 +6,29 @@ until the MTA writes [FINISH]; the RA then answers once more and its last messag
 
 Shared parameters (the paper's multi-turn setup): one model plays both agents, told apart by two system prompts,
 and each trajectory gives two training sequences, the conversation as each agent saw it, trained on that agent's
-own turns. Reward (spec 3.3): both agents get the correctness of the RA's final answer; with
-`mask_unfinished_reward` it is 0 unless the MTA finished the conversation itself. Advantages: GRPO over the G
-trajectories of each question (spec 3.4). Loss: PPO with the turn-level ratio of Eq. 13 (spec 3.5), one ratio per
-turn, clipped per turn:
+own turns. Reward (docs/algorithm.md §10): both agents get the correctness of the RA's final answer; with
+`mask_unfinished_reward` it is 0 unless the MTA finished the conversation itself. Advantages (§11): GRPO over the
+G trajectories of each question. Loss (§12): PPO with the turn-level ratio of Eq. 13, one ratio per turn, clipped
+per turn:
     rho_{s,t} = exp(min(mean_{j in turn} log(pi/pi_old)_j, L))      (official code; Eq. 13's arithmetic mean: option)
     l_{s,t}   = max(-A rho, -A clip(rho, 1-eps, 1+eps)),  and min(l, -A c) when A < 0 (dual clip)
     J         = mean over sequences s of the mean over their turns t of l_{s,t}                          (Eq. 12)
 `--no-param_sharing` gives each agent its own parameters and trains one of them at a time, switching every
-`switch_freq` steps (the Fig. 6 ablation). `--preset paper-qwen2.5-7b` runs the paper's configuration (spec 3.6).
+`switch_freq` steps (the Fig. 6 ablation). `--preset paper-qwen2.5-7b` runs the paper's configuration (App. D.2).
 
 Dimensions: B questions per step (global), G = num_generations trajectories per question, T turns, N sequences on
 this rank, P prompt tokens, C tokens after the prompt, V vocabulary.
 
 Departures from the paper / official code, all deliberate:
- 1. Training sequences are the token ids the agents sampled (spec 8, items 7-8): a turn is trained on exactly what
-    was sampled, including its end-of-turn token when it sampled one, and never on an end-of-turn token it did not
-    sample (the official code appends one after [FINISH] and after text it stripped).
+ 1. Training sequences are the token ids the agents sampled (docs/algorithm.md §15, items 6-7): a turn is trained
+    on exactly what was sampled, including its end-of-turn token when it sampled one, and never on an end-of-turn
+    token it did not sample (the official code appends one after [FINISH] and after text it stripped).
  2. The RA's own view keeps the [FINISH] tokens it sampled (they are its sampled ids); the MTA sees the RA's text
     with [FINISH] removed and the final answer is graded without it, as in the official code.
  3. A question whose first prompt exceeds max_context_length ends with reason context_exceeded and reward 0
     instead of stopping the run (official: an error).
  4. agg_mode=token with clip_mode=turn weights each turn's loss by its token count (official: an error), and a
-    sequence without trained tokens adds 0 to every mean instead of NaN (spec 8, item 12).
+    sequence without trained tokens adds 0 to every mean instead of NaN (docs/algorithm.md §15, items 9-10).
  5. The separate-parameters schedule switches every switch_freq steps from step 0 (official: a 9-step first block).
  6. No KL term and no entropy bonus: the paper's multi-turn runs use neither (beta = 0).
  7. With `--backend vllm` the loss is weighted by the truncated importance ratio pi_old / pi_vLLM (TRL and verl do
@@ -69,7 +69,7 @@ from utils.validate import above, at_least, check_ranges, refuse
 
 ROLES = ["meta_thinking", "reasoning"]  # the MTA always speaks first
 PREFIX = {"meta_thinking": "meta", "reasoning": "reas"}
-# finish reasons (spec 3.1; the official `{role}_turn_finished` codes)
+# finish reasons (docs/algorithm.md §8; the official `{role}_turn_finished` codes)
 NORMAL, MAX_TURNS, CONTEXT_EXCEEDED, TRUNCATED = 0, 1, 2, 3
 REASONS = {NORMAL: "normal", MAX_TURNS: "max_turns", CONTEXT_EXCEEDED: "context_exceeded", TRUNCATED: "truncated"}
 
@@ -150,13 +150,13 @@ class Args:
     wandb: WandbArgs = field(default_factory=WandbArgs)
 
 
-# ---- REWARD (spec 3.3) ---------------------------------------------------------------------------------------------
+# ---- REWARD (docs/algorithm.md §10) --------------------------------------------------------------------------------
 def trajectory_reward(correct: float, reason: int, mask_unfinished_reward: bool) -> float:
     """Both agents get the correctness of the RA's final answer; with the mask, 0 unless the MTA finished."""
     return correct if (not mask_unfinished_reward or reason == NORMAL) else 0.0
 
 
-# ---- ADVANTAGES (spec 3.4): one per trajectory, shared by both agents' sequences -----------------------------------
+# ---- ADVANTAGES (docs/algorithm.md §11): one per trajectory, shared by both agents' sequences ----------------------
 def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool) -> torch.Tensor:
     """A_i = (R_i - mean_g) / (std_g + 1e-6), unbiased std (official); a group of one gets A = R (mean 0, std 1).
     rewards: (N,) with each group of G consecutive; returns (N,)."""
@@ -169,7 +169,7 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool)
     return adv.reshape(-1)
 
 
-# ---- POLICY LOSS: the turn-level ratio (spec 3.5, paper Eq. 12-13), importance-weighted against the sampler --------
+# ---- POLICY LOSS: the turn-level ratio (paper Eq. 12-13, docs/algorithm.md §12), weighted against the sampler ------
 def ppo_clip_loss(ratio, adv, eps_low, eps_high, dual_clip):
     """l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0 (dual clip).
     Elementwise; returns the loss and where the low clip, the high clip and the dual clip were active."""
@@ -314,7 +314,7 @@ def derive(args: Args, accelerator) -> Derived:
                    is_mode=args.vllm.importance_sampling_mode if vllm else "none")
 
 
-# ---- ROLLOUT (spec 3.1) and the training sequences it yields (spec 3.2) ---------------------------------------------
+# ---- ROLLOUT (docs/algorithm.md §8) and the training sequences it yields (§9) ---------------------------------------
 @dataclass
 class Turn:
     role: str
@@ -366,7 +366,7 @@ def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int
             for tr in trajs:
                 if tr.reason is not None:
                     continue
-                if role not in tr.ids:  # this agent's first turn: render its opening messages (spec 1.2)
+                if role not in tr.ids:  # this agent's first turn: render its opening messages (docs/algorithm.md §1)
                     messages = (prompts.multiturn_meta_messages(tr.question) if role == "meta_thinking"
                                 else prompts.multiturn_reas_messages(tr.question, tr.turns[-1].text, reas_system))
                     context = prompts.render(tokenizer, messages)
@@ -424,7 +424,7 @@ def rollout(items, agent_of, sampler, task, args, temperature: float, desc: str)
     trajs = multi_turn_rollout([it | {"question": task.conversation(it)} for it in items], generate_fn,
                                sampler.tokenizer, args.max_turns, args.max_context_length, args.stop_when_truncated,
                                task.multiturn_reas_system)
-    # ---- REWARD (spec 3.3): the RA's final answer (judge: its verdict), masked unless the MTA finished ----
+    # ---- REWARD (docs/algorithm.md §10): the RA's final answer (judge: its verdict), masked unless the MTA finished
     with sampler.timed("rewards"):
         correct = task.score([tr.final_response for tr in trajs], [{"answer": tr.answer} for tr in trajs])
     for tr, c in zip(trajs, correct):
@@ -464,7 +464,7 @@ def rollout_metrics(trajs: list[Trajectory], n_real: int, prefix: str) -> dict:
                           for tr in trajs[:n_real]])
     n = len(rows)
     out = {f"{prefix}/reward": sum(r[0] for r in rows) / n, f"{prefix}/accuracy": sum(r[1] for r in rows) / n,
-           f"{prefix}/mean_turns": sum(r[2] for r in rows) / n}
+           f"{prefix}/mean_turns": sum(r[2] for r in rows) / n, f"{prefix}/questions": n}
     out |= {f"{prefix}/finish/{name}": sum(r[3] == code for r in rows) / n for code, name in REASONS.items()}
     for role in ROLES:
         turns = [t for r in rows for t in r[4][role]]
@@ -481,7 +481,7 @@ def evaluate(eval_set, agent_of, sampler, task, args, accelerator) -> dict:
 # ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
 @torch.no_grad()
 def old_logprobs(agent, batch: dict, args, autocast) -> None:
-    """pi_old (the policy that sampled, recomputed by the trainer before any update, spec 3.5) into batch: (N, C)."""
+    """pi_old (the policy that sampled, recomputed by the trainer before any update: docs/algorithm.md §12): (N, C)."""
     batch["old_logp"] = torch.zeros(batch["turn_ids"].shape, device=batch["turn_ids"].device)  # (N, C)
     for idx in batch["attention_mask"].sum(-1).argsort().split(args.micro_batch_size):
         micro = select(batch, idx)  # (similar lengths; its padding columns cut off)

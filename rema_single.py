@@ -17,10 +17,10 @@ Dimensions: B prompts per step (global), G = num_generations samples per prompt,
 N = sequences on this rank, P prompt tokens, C completion tokens, V vocabulary.
 
 Departures from the paper / official code, all deliberate:
- 1. The paper's single-turn code (OpenRLHF) is not public; REINFORCE++ follows OpenRLHF's estimator as spec 2.1 infers it.
+ 1. The paper's single-turn code (OpenRLHF) is not public; REINFORCE++ is OpenRLHF's estimator (docs/algorithm.md §4).
  2. The RA prompt says \\boxed{} (paper App. G), not the official code's literal \\boxed{{}}.
  3. The MTA leak penalty is added to R_h (the paper does not say added or replaced); R_h averages
-    `reas_samples_per_plan` RA samples per plan (not given in the paper; spec 2.1 assumes the rollout's 4, which
+    `reas_samples_per_plan` RA samples per plan (not given in the paper; the paper presets take App. D.1's 4, which
     `--reas_samples_per_plan None` gives; the CPU default is 2).
  4. With GRPO / RLOO the KL term (if beta > 0) is a k3 penalty in the loss (as in TRL), not in the reward.
  5. The official schedule (`--schedule switch`) starts a fresh block every switch_freq steps from step 0, without
@@ -33,7 +33,14 @@ Departures from the paper / official code, all deliberate:
  9. GRPO divides by the group's std + 1e-4 (TRL's epsilon); rema_multiturn.py keeps the official code's 1e-6.
 10. Not stated in the paper, chosen here: each agent's AdamW state persists across the phases and rounds of
     Algorithm 1 (an agent resumes its moments when its turn comes again), and the KL reference stays the initial
-    model for the whole run. The prompt filter is ReMA's (App. D.1): the VRP / MRP paper presets train unfiltered.
+    model for the whole run. The prompt filter is ReMA's (App. D.1): `--mode vrp|mrp` trains unfiltered unless
+    `--filter` is given, and so do the VRP / MRP paper presets.
+11. CPU-sized defaults (`--preset cpu`, chosen on the training reward and on training questions): the built-in `a + b`
+    task and SmolLM2-135M; a worked example (7 + 5) before each question in every agent's prompt (`--one_shot`:
+    greedy, the 135M pair boxes 0 of 100 answers without it, 98 with it, so without it every first RA reward is -1);
+    temperature 0.7 for the rollouts and the filter; plans of 32 and solutions of 48 tokens; 2 epochs per
+    phase of one round; a filter pool of 32 questions; 100 held-out sums. Each flag's docstring gives the paper's
+    value, and the `paper-*` presets set them all.
 """
 
 import math
@@ -80,7 +87,7 @@ class Args:
     """alternate: the paper's Algorithm 1 with prompt filtering; switch: the official code's schedule (switch the trained agent every switch_freq steps, no filtering)"""
     num_update_iterations: int = 1
     """#UpdateIteration of Algorithm 1 (paper: 3 for Llama3/3.1-8B, 10 for Qwen2.5-7B on MATH; 1 on RewardBench)"""
-    num_train_epochs: int = 1
+    num_train_epochs: int = 2
     """#TrainingEpisode: RL epochs over the filtered dataset per agent and round (paper: 4 on MATH)"""
     first_agent: Literal["reasoning", "meta_thinking"] = "reasoning"
     """which agent each round trains first (Algorithm 1: the reasoning agent; App. C.4 and the official code: the MTA)"""
@@ -91,9 +98,14 @@ class Args:
     meta_reward: str = "accuracy"
     """R_h, one of META_SCORES: accuracy (mean RA correctness under the plan; paper) or consistency (App. E.1)"""
     filter: bool = True
-    """schedule=alternate: build D_l / D_h with the prompt filter (App. D.1); --no-filter: the whole train set (the
-    paper presets of the VRP / MRP baselines, whose #TrainingEpisode is epochs over the entire dataset)"""
+    """schedule=alternate: build D_l / D_h with the prompt filter (App. D.1: ReMA's); --no-filter: the whole train
+    set. Unless given, on for --mode rema and off for vrp / mrp (the baselines' #TrainingEpisode is epochs over the
+    entire dataset), see FOLLOWS"""
     prompt_filter: FilterArgs = field(default_factory=FilterArgs)
+    one_shot: bool = True
+    """a worked example (7 + 5) before each question, as an earlier exchange, in every agent's prompt (not in the
+    paper: the 135M model boxes its answer only after one). Unless given, on for --preset cpu on the math task and
+    off otherwise, see FOLLOWS"""
     # ---- rollout ----
     rollout_batch_size: int = 8
     """B: prompts per training step over all processes (paper: 1000); for the RA a prompt is a (question, plan) pair"""
@@ -101,11 +113,11 @@ class Args:
     """G: samples per prompt, the group of GRPO / RLOO (paper: 4)"""
     reas_samples_per_plan: int | None = 2
     """K: RA samples per plan that R_h averages when training the MTA (paper: not stated; None: num_generations)"""
-    temperature: float = 1.0
-    """rollout sampling temperature (paper 1.0); evaluation is greedy"""
-    meta_max_completion_length: int = 64
+    temperature: float = 0.7
+    """sampling temperature of the rollouts and of the prompt filter (paper 1.0); evaluation is greedy"""
+    meta_max_completion_length: int = 32
     """max new tokens of a plan (paper: 2048)"""
-    reas_max_completion_length: int = 96
+    reas_max_completion_length: int = 48
     """max new tokens of a solution, also the VRP / MRP reply (paper: 2048)"""
     # ---- optimisation ----
     advantage_estimator: str = "reinforce_pp"
@@ -286,9 +298,15 @@ RANGES = {
 }
 
 
+FOLLOWS = {  # options whose default follows other options, unless given on the command line (utils.config.cli)
+    "filter": lambda args: args.mode == "rema",  # the prompt filter is ReMA's (App. D.1), not the baselines'
+    "one_shot": lambda args: args.preset == "cpu" and args.data.task == "math",  # the paper's prompts have none
+}
+
+
 def parse_args() -> Args:
     """The command line over its preset, every numeric option checked against its range before anything loads."""
-    return check_ranges(cli(Args, single_turn(), "rema_single.py"), RANGES, "rema_single.py")
+    return check_ranges(cli(Args, single_turn(), "rema_single.py", FOLLOWS), RANGES, "rema_single.py")
 
 
 def validate(args: Args, accelerator) -> None:
@@ -306,6 +324,7 @@ def validate(args: Args, accelerator) -> None:
     need(args.advantage_estimator in ESTIMATORS, f"--advantage_estimator must be one of {', '.join(ESTIMATORS)}")
     need(not ESTIMATORS[args.advantage_estimator].needs_group or G >= 2,
          f"--advantage_estimator {args.advantage_estimator} compares samples within a group: use --num_generations >= 2")
+    need(not args.one_shot or args.data.task == "math", "--one_shot is a worked math example; the judge task has none")
     need(args.meta_reward in META_SCORES, f"--meta_reward must be one of {', '.join(META_SCORES)}")
     need(args.mode == "rema" or args.meta_reward == "accuracy", "--meta_reward applies to --mode rema only")
     need(args.meta_reward != "consistency" or (args.reas_samples_per_plan or G) >= 2,
@@ -396,7 +415,7 @@ def build_dataset(agent_name, phase, train_set, agents, sampler, task, args, acc
     """D_l (RA: kept questions, each with plans_per_question plans) or D_h (MTA: kept questions). Every process scores
     a slice of the candidates; the kept items are gathered so that every process holds the same dataset. D_h scores
     the RA's greedy answer under each of S plans with the MTA's own score (META_SCORES[--meta_reward])."""
-    f, rank, world = args.prompt_filter, accelerator.process_index, accelerator.num_processes
+    f, rank, world, T = args.prompt_filter, accelerator.process_index, accelerator.num_processes, args.temperature
     S, pool = f.num_samples, list(range(len(train_set)))
     random.Random(args.run.seed * 100_003 + phase).shuffle(pool)
     pool = pool[: f.pool_size] if f.pool_size is not None else pool
@@ -405,25 +424,25 @@ def build_dataset(agent_name, phase, train_set, agents, sampler, task, args, acc
     kept, succ_all, keys = mine, [], [("filter", phase, q["index"], s) for q in mine for s in range(S)]
     if args.filter:
         repeated = [q for q in mine for _ in range(S)]  # S answers per question estimate succ(x)
-        if agent_name == "meta_thinking":  # D_h: S plans at T = 1, one greedy RA solution under each
-            _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in repeated], 1.0, "filter D_h: plans", keys)
+        if agent_name == "meta_thinking":  # D_h: S plans at T, one greedy RA solution under each
+            _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in repeated], T, "filter D_h: plans", keys)
             _, answers = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(repeated, plans)], 0.0,
                                  "filter D_h: solutions")
-        elif args.mode == "rema":  # D_l: one greedy plan, S RA solutions at T = 1 under it
+        elif args.mode == "rema":  # D_l: one greedy plan, S RA solutions at T under it
             _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in mine], 0.0, "filter D_l: greedy plans")
             _, answers = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(mine, plans) for _ in range(S)],
-                                 1.0, "filter D_l: solutions", keys)
-        else:  # VRP / MRP baselines: S samples of the single agent at T = 1
-            _, answers = sampler(agents["policy"], [task.single_prompt(q, args.mode) for q in repeated], 1.0, "filter: samples", keys)
+                                 T, "filter D_l: solutions", keys)
+        else:  # VRP / MRP baselines: S samples of the single agent at T
+            _, answers = sampler(agents["policy"], [task.single_prompt(q, args.mode) for q in repeated], T, "filter: samples", keys)
         with sampler.timed("rewards"):
             correct = task.score(answers, repeated)
         if agent_name == "meta_thinking":
             correct = [META_SCORES[args.meta_reward]([a], [c], task) for a, c in zip(answers, correct)]
         kept, succ_all = filter_by_success(mine, correct, S, f.eps_min, f.eps_max)
     if agent_name == "reasoning" and args.mode == "rema":
-        # each kept question gets plans_per_question plans sampled at T = 1: the (x, m) inputs of D_l
+        # each kept question gets plans_per_question plans sampled at T: the (x, m) inputs of D_l
         with_plans = [q for q in kept for _ in range(f.plans_per_question)]
-        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in with_plans], 1.0, "D_l: plans",
+        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in with_plans], T, "D_l: plans",
                            [("plan", phase, q["index"], j) for q in kept for j in range(f.plans_per_question)])
         kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
     kept = [q for q in kept if not q.pop("padding")]
@@ -497,14 +516,14 @@ def evaluate(eval_set, agents, sampler, task, args, accelerator) -> dict:
         correct = task.score(sols, mine)
     rows = gather_object([(c, float(task.in_format(s)), len(x.ids)) for c, s, x in zip(correct, sols, completions)][:n_real])
     out = {"eval/accuracy": sum(r[0] for r in rows) / len(rows), "eval/boxed_ratio": sum(r[1] for r in rows) / len(rows),
-           "eval/mean_length": sum(r[2] for r in rows) / len(rows)}
+           "eval/mean_length": sum(r[2] for r in rows) / len(rows), "eval/questions": len(rows)}
     return out | ({"eval/meta_boxed_ratio": sum(leaks) / len(leaks)} if leaks else {})
 
 
 # ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
 @torch.no_grad()
 def old_and_ref_logprobs(agent, batch: dict, old: bool, reference: bool, args, autocast) -> None:
-    """pi_old (the policy that sampled, recomputed by the trainer, spec 3.5) and / or pi_ref into batch: (N, C)."""
+    """pi_old (the policy that sampled, recomputed by the trainer; docs/algorithm.md §5) / pi_ref into batch: (N, C)."""
     mask = batch["completion_mask"]
     logps = ({"old_logp": torch.zeros_like(mask)} if old else {}) | ({"ref_logp": torch.zeros_like(mask)} if reference else {})
     for idx in batch["attention_mask"].sum(-1).argsort().split(args.micro_batch_size):
@@ -595,7 +614,7 @@ def main(args: Args) -> None:
         path = resolve_model(args.lm.model)
     tokenizer = load_tokenizer(path)
     grader = Grader(args.grading.timeout, args.grading.workers, args.grading.grader) if args.data.task == "math" else None
-    task = TASKS[args.data.task](tokenizer, grader)
+    task = TASKS[args.data.task](tokenizer, grader, args.one_shot)
     train_set, eval_set = task.load(args)
     names = AGENTS[args.mode]
     lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,

@@ -86,6 +86,7 @@ def test_rema_full_parameters_grpo(tmp_path, tiny_model):
     last = [r["step"] for r in metrics(run_dir)][-1]
     assert re.search(rf"done: eval/accuracy \d\.\d{{3}} -> \d\.\d{{3}} \(step 0 -> {last}\) in [\d.]+ min; "
                      rf"checkpoint {run_dir}/checkpoints/step_{last:06d}", shown), shown[-2000:]
+    assert re.search(r"; change [+-]\d\.\d{3}, standard error \d\.\d{3} over 6 questions: (within|beyond) noise", shown)
     ckpt = find_checkpoint(run_dir)
     assert changed_tensors(tiny_model, ckpt / "meta_thinking") > 0
     assert changed_tensors(tiny_model, ckpt / "reasoning") > 0

@@ -1,5 +1,5 @@
 """Named presets (`--preset NAME`): every one builds a configuration that passes the scripts' own validation for an
-8-process launch, the paper's values land where the spec puts them, and flags given with a preset override it."""
+8-process launch, the paper's values land in the right options, and flags given with a preset override it."""
 
 import sys
 
@@ -29,12 +29,13 @@ def overrides_of(presets, name):
 
 
 def test_paper_single_turn_values():
-    """spec 2.1 / App. D.1, Qwen2.5-7B on MATH: 10 rounds of 4 epochs, REINFORCE++ with KL 1e-2, lr 5e-7, 1000 x 4."""
+    """Sec. 3.2.1 / App. D.1, Qwen2.5-7B on MATH: 10 rounds of 4 epochs, REINFORCE++ with KL 1e-2, lr 5e-7, 1000 x 4."""
     args = with_overrides(rs.Args(), overrides_of(single_turn(), "paper-qwen2.5-7b"))
     assert (args.mode, args.num_update_iterations, args.num_train_epochs) == ("rema", 10, 4)
     assert (args.advantage_estimator, args.beta, args.optim.learning_rate) == ("reinforce_pp", 0.01, 5e-7)
     assert (args.rollout_batch_size, args.num_generations, args.reas_samples_per_plan) == (1000, 4, None)
     assert (args.meta_max_completion_length, args.reas_max_completion_length, args.epsilon) == (2048, 2048, 0.2)
+    assert (args.temperature, args.one_shot) == (1.0, False)  # the paper's sampling and prompts, not the cpu preset's
     f = args.prompt_filter
     assert (f.num_samples, f.eps_min, f.eps_max, f.pool_size, f.plans_per_question) == (10, 0.2, 0.8, None, 4)
     assert args.lm.model == "Qwen/Qwen2.5-7B-Instruct" and (args.data.train_dataset, args.data.train_split) == ("hendrycks_math", "train")
@@ -46,7 +47,7 @@ def test_paper_single_turn_values():
 
 
 def test_paper_multi_turn_values():
-    """spec 3.6: 128 questions x 16 trajectories, 30 turns of 512 tokens, 4096 context, mask and stop on truncation."""
+    """App. D.2: 128 questions x 16 trajectories, 30 turns of 512 tokens, 4096 context, mask and stop on truncation."""
     args = with_overrides(mt.Args(), overrides_of(multi_turn(), "paper-qwen2.5-7b"))
     assert (args.rollout_batch_size, args.num_generations, args.max_turns) == (128, 16, 30)
     assert (args.max_completion_length, args.max_context_length, args.temperature) == (512, 4096, 1.0)
@@ -97,3 +98,36 @@ def test_bf16_defaults_to_on_only_where_the_hardware_computes_it(monkeypatch, cu
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: cpu_bf16)
     assert fast_bf16() is expected
     assert rs.Args().lm.bf16 is expected and mt.Args().lm.bf16 is expected  # every script's default asks it
+
+
+@pytest.mark.parametrize("argv,filtered,one_shot", [
+    ([], True, True),  # the cpu preset: ReMA, filtered, with the worked example
+    (["--mode", "vrp"], False, True),  # the baselines train on the whole set unless asked (App. D.1 is ReMA's)
+    (["--mode", "mrp", "--filter"], True, True),  # ... and --filter keeps the filter as an ablation
+    (["--mode=vrp", "--filter"], True, True),
+    (["--no-filter"], False, True),
+    (["--task", "judge"], True, False),  # the example is a sum: not on the judge task
+    (["--no-one_shot"], True, False),
+    (["--preset", "paper-qwen2.5-7b"], True, False),  # the paper's prompts
+    (["--preset", "paper-qwen2.5-7b", "--mode", "vrp"], False, False),
+    (["--preset", "paper-qwen2.5-7b-vrp", "--filter"], True, False),
+])
+def test_options_that_follow_others_unless_given(monkeypatch, argv, filtered, one_shot):
+    monkeypatch.setattr(sys, "argv", ["rema_single.py", *argv])
+    args = rs.parse_args()
+    assert (args.filter, args.one_shot) == (filtered, one_shot)
+
+
+def test_one_shot_prompts_put_the_example_before_the_question():
+    from utils import prompts
+
+    for build in (lambda q, s: prompts.meta_messages(q, s), lambda q, s: prompts.reas_messages(q, "plan", s),
+                  lambda q, s: prompts.vrp_messages(q, s), lambda q, s: prompts.mrp_messages(q, s)):
+        plain, shot = build("What is 2 + 3?", False), build("What is 2 + 3?", True)
+        assert [m["role"] for m in plain] == ["system", "user"]
+        assert [m["role"] for m in shot] == ["system", "user", "assistant", "user"]
+        assert shot[0] == plain[0] and shot[-1] == plain[-1]  # the paper's system prompt and question, unchanged
+        assert prompts.ONE_SHOT["question"] in shot[1]["content"] and "2 + 3" not in shot[1]["content"]
+    assert prompts.meta_messages("q", True)[2]["content"] == prompts.ONE_SHOT["plan"]  # a plan, not an answer
+    for build in (prompts.reas_messages("q", "m", True), prompts.vrp_messages("q", True), prompts.mrp_messages("q", True)):
+        assert build[2]["content"].endswith("\\boxed{12}.")  # the solvers' example boxes its answer

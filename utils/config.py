@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Callable, Literal, TypeVar
 
 import tyro
 
@@ -76,7 +76,7 @@ class DataArgs:
     eval_dataset: str = "arithmetic"
     """held-out set; 'arithmetic' means the test split of --train_dataset's source (arithmetic, RewardBench970),
     else a file or hub id (e.g. ../shared/data/math_benchmarks.jsonl, ../shared/data/judgebench_gpt4o.jsonl)"""
-    eval_limit: int | None = 50
+    eval_limit: int | None = 100
     """evaluate on the first eval_limit rows (None: all)"""
     question_field: str = "question"
     """field of a data row that holds the question"""
@@ -244,9 +244,18 @@ def with_overrides(config: T, overrides: dict) -> T:
     return dataclasses.replace(config, **top)
 
 
-def cli(args_type: type[T], presets: dict[str, tuple[str, dict]], prog: str) -> T:
+def flags_given(argv: list[str]) -> set[str]:
+    """The options named on a command line, as field names: `--no-filter` and `--filter=True` both give 'filter'."""
+    names = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    return {n[3:] if n.startswith("no_") else n for n in names}
+
+
+def cli(args_type: type[T], presets: dict[str, tuple[str, dict]], prog: str,
+        follows: dict[str, Callable] | None = None) -> T:
     """Parse the command line over a preset: `--preset NAME` picks the defaults (presets: name -> (description,
-    overrides of the defaults)), every other flag overrides them. The name is kept in args.preset (config.json)."""
+    overrides of the defaults)), every other flag overrides them. The name is kept in args.preset (config.json).
+    follows: options whose default depends on other options (name -> rule(args) -> value), applied unless the
+    option is named on the command line: `rema_single.py --mode vrp` trains unfiltered, `--mode vrp --filter` not."""
     argv = sys.argv[1:]
     name = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--preset"), None)
     name = next((a.split("=", 1)[1] for a in argv if a.startswith("--preset=")), name) or "cpu"
@@ -255,4 +264,6 @@ def cli(args_type: type[T], presets: dict[str, tuple[str, dict]], prog: str) -> 
         raise SystemExit(f"{prog}: unknown --preset {name!r}; the presets are:\n{listing}")
     default = with_overrides(args_type(), presets[name][1] | {"preset": name})
     description = (sys.modules["__main__"].__doc__ or "").split("\n", 1)[0] + f"\n\nPresets (--preset NAME):\n{listing}"
-    return tyro.cli(args_type, default=default, args=argv, prog=prog, description=description)
+    args = tyro.cli(args_type, default=default, args=argv, prog=prog, description=description)
+    given = flags_given(argv)
+    return with_overrides(args, {k: rule(args) for k, rule in (follows or {}).items() if k not in given})

@@ -1,15 +1,15 @@
 """The paper's configurations as named presets: `--preset NAME` replaces a script's defaults (its CPU preset, `cpu`)
 with these values, and every flag given with it still overrides one. Dotted keys reach into an option group.
 
-Single-turn (spec 2.1, App. D.1): OpenRLHF REINFORCE++ with KL 1e-2 in the reward, Adam lr 5e-7, rollouts of 1000
+Single-turn (Sec. 3.2.1, App. D.1): OpenRLHF REINFORCE++ with KL 1e-2 in the reward, Adam lr 5e-7, rollouts of 1000
 prompts x 4 samples at temperature 1, 2048 new tokens, clip 0.2, prompt filter 0.2 / 0.8 from 10 samples over the
 whole train set (MATH's 7.5k train problems, Sec. 4.1), 4 plans per kept question, #UpdateIteration rounds of
 #TrainingEpisode epochs per agent. The filter is ReMA's (App. D.1): the VRP_RL / MRP_RL baselines train on the whole
 train set for #TrainingEpisode epochs. The paper's mini-batch of 500 sequences does not split over 8 processes; 400
 (10 optimizer steps per rollout) does.
-Multi-turn (spec 3.6): Qwen2.5-7B after SFT on the multi-turn conversations (sft.py), GRPO over 128 questions x 16
-trajectories, 30 turns of 512 tokens in a 4096-token context, stop on truncation, the [FINISH] reward mask, AdamW lr
-1e-6, weight decay 0.01, 4 mini-batches, 500 steps.
+Multi-turn (Sec. 4.3, App. D.2): Qwen2.5-7B after SFT on the multi-turn conversations (sft.py), GRPO over 128
+questions x 16 trajectories, 30 turns of 512 tokens in a 4096-token context, stop on truncation, the [FINISH]
+reward mask, AdamW lr 1e-6, weight decay 0.01, 4 mini-batches, 500 steps.
 """
 
 MATH500 = {"data.eval_dataset": "../shared/data/math_benchmarks.jsonl", "data.eval_limit": 500}  # its first 500 rows
@@ -19,10 +19,12 @@ JUDGE = {"data.task": "judge", "data.train_dataset": "allenai/reward-bench",  # 
          "data.eval_dataset": "allenai/reward-bench", "data.eval_limit": None}  # RewardBench970
 SINGLE_TURN_PAPER = {
     "advantage_estimator": "reinforce_pp", "beta": 0.01, "optim.learning_rate": 5e-7, "rollout_batch_size": 1000,
+    "temperature": 1.0,
     "num_generations": 4, "reas_samples_per_plan": None, "mini_batch_size": 400, "micro_batch_size": 4,
     "meta_max_completion_length": 2048, "reas_max_completion_length": 2048, "generation.backend": "vllm",
     "prompt_filter.num_samples": 10, "prompt_filter.pool_size": None, "prompt_filter.plans_per_question": 4,
     "run.eval_every": 20, "run.save_every": 20,
+    "one_shot": False,  # the paper's prompts (App. G), without the cpu preset's worked example
 }
 # model -> (hub id, ReMA's #UpdateIteration on MATH, #TrainingEpisode of ReMA / VRP / MRP on MATH)
 MATH_MODELS = {"llama3-8b": ("meta-llama/Meta-Llama-3-8B-Instruct", 3, (4, 12, 10)),

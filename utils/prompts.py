@@ -1,6 +1,6 @@
 """Prompts: the single source of truth for training (rema_single.py, rema_multiturn.py) and evaluation (eval.py).
 
-Strings follow the paper's appendix G and the official code (see docs: rema_spec.md, sections 1.1 and 1.2):
+Strings follow the paper's appendix G and the official code's `prompt/math/` files (docs/algorithm.md §1):
 - Single-turn system prompts are the official `prompt/math/single_turn_mamrp.py` strings, `.strip()`ed, except that
   the reasoning agent's prompt says `\\boxed{}` (paper, App. G.1.2) where the official code has a literal
   `\\boxed{{}}` because `.format` is never called.
@@ -61,37 +61,53 @@ MULTITURN_REAS_SYSTEM = (
 )
 
 
-def meta_messages(question: str) -> list[dict]:
+# ---- the CPU preset's one-shot demonstration (not in the paper) ----
+# SmolLM2-135M boxes 0 of 100 greedy answers to `a + b` zero-shot and 98 of 100 after one worked example, so
+# without it the reasoning agent's first rollouts are all -1 (nothing to learn from). `--one_shot` (the `cpu`
+# presets) puts this exchange before the question, as an earlier user / assistant turn; the paper's prompts have none.
+ONE_SHOT = {"question": "What is 7 + 5?", "plan": "Add the two numbers: start from 7 and count up 5 more.",
+            "solution": "7 + 5 = 12.\nThe answer is \\boxed{12}."}
+
+
+def _exchange(user: str, reply: str, one_shot: bool) -> list[dict]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}] if one_shot else []
+
+
+def meta_messages(question: str, one_shot: bool = False) -> list[dict]:
     """What the meta-thinking agent sees in single-turn ReMA."""
-    return [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": META_USER.format(question=question)}]
+    demo = _exchange(META_USER.format(question=ONE_SHOT["question"]), ONE_SHOT["plan"], one_shot)
+    return [{"role": "system", "content": META_SYSTEM}, *demo, {"role": "user", "content": META_USER.format(question=question)}]
 
 
-def reas_messages(question: str, plan: str) -> list[dict]:
+def reas_messages(question: str, plan: str, one_shot: bool = False) -> list[dict]:
     """What the reasoning agent sees in single-turn ReMA: the question and the meta-thinking agent's plan."""
+    demo = _exchange(REAS_USER.format(question=ONE_SHOT["question"], plan=ONE_SHOT["plan"]), ONE_SHOT["solution"], one_shot)
     user = REAS_USER.format(question=question, plan=plan)
-    return [{"role": "system", "content": REAS_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": REAS_SYSTEM}, *demo, {"role": "user", "content": user}]
 
 
-def vrp_messages(question: str) -> list[dict]:
+def vrp_messages(question: str, one_shot: bool = False) -> list[dict]:
     """VRP baseline (chain of thought): one agent, the question as the user turn."""
-    return [{"role": "system", "content": VRP_SYSTEM}, {"role": "user", "content": question}]
+    demo = _exchange(ONE_SHOT["question"], ONE_SHOT["solution"], one_shot)
+    return [{"role": "system", "content": VRP_SYSTEM}, *demo, {"role": "user", "content": question}]
 
 
-def mrp_messages(question: str) -> list[dict]:
+def mrp_messages(question: str, one_shot: bool = False) -> list[dict]:
     """MRP baseline: one agent writes the plan and then the solution in one reply."""
-    return [{"role": "system", "content": MRP_SYSTEM}, {"role": "user", "content": question}]
+    demo = _exchange(ONE_SHOT["question"], ONE_SHOT["plan"] + "\n" + ONE_SHOT["solution"], one_shot)
+    return [{"role": "system", "content": MRP_SYSTEM}, *demo, {"role": "user", "content": question}]
 
 
-MULTITURN_REAS_FIRST_USER = "Question:\n{question}\n\nInstruction:\n{plan}"  # official code, spec 1.2
+MULTITURN_REAS_FIRST_USER = "Question:\n{question}\n\nInstruction:\n{plan}"  # official code, docs/algorithm.md §1
 
 
 def multiturn_meta_messages(question: str) -> list[dict]:
-    """Multi-turn ReMA, the meta-thinking agent's first turn; the RA's replies follow as user turns (spec 1.2)."""
+    """Multi-turn ReMA, the MTA's first turn; the RA's replies follow as user turns (docs/algorithm.md §1)."""
     return [{"role": "system", "content": MULTITURN_META_SYSTEM}, {"role": "user", "content": question}]
 
 
 def multiturn_reas_messages(question: str, plan: str, system: str = MULTITURN_REAS_SYSTEM) -> list[dict]:
-    """Multi-turn ReMA, the reasoning agent's first turn; the MTA's later turns follow as user turns (spec 1.2).
+    """Multi-turn ReMA, the RA's first turn; the MTA's later turns follow as user turns (docs/algorithm.md §1).
     system: MULTITURN_REAS_SYSTEM (math), or MULTITURN_JUDGE_REAS_SYSTEM for the judge task."""
     user = MULTITURN_REAS_FIRST_USER.format(question=question, plan=plan)
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
@@ -100,7 +116,7 @@ def multiturn_reas_messages(question: str, plan: str, system: str = MULTITURN_RE
 @dataclass(frozen=True)
 class ChatPieces:
     """The text a chat template puts around a turn, so that a conversation can be extended with the token ids an
-    agent actually sampled instead of re-rendering (and re-tokenizing) decoded text (spec 8, items 7-8).
+    agent actually sampled instead of re-rendering (and re-tokenizing) decoded text (docs/algorithm.md §15, items 6-7).
 
     For ChatML (SmolLM2, Qwen): user_prefix = "<|im_start|>user\n", user_suffix = "<|im_end|>\n<|im_start|>assistant\n"
     (it ends with the generation prompt) and closing = "<|im_end|>\n" (what follows an assistant message)."""
@@ -129,15 +145,15 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
     """Chat-template a message list and return token ids, ending with the assistant generation prompt.
 
     Rendering to text and tokenizing without special tokens avoids the double BOS that
-    `encode(templated_text)` adds for Llama-3 tokenizers (spec, section 8, item 8)."""
+    `encode(templated_text)` adds for Llama-3 tokenizers (docs/algorithm.md §15, item 7)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-# ---- LLM-as-a-Judge: pair ranking (paper Sec. 4, App. G; spec section 5) ----
+# ---- LLM-as-a-Judge: pair ranking (paper Sec. 4, App. G; docs/judge.md) ----
 # Verdicts are "[[A]]" / "[[B]]" in every prompt. The paper's VRP judge prompt says "[A]" / "[B]" while its ReMA
-# prompts say "[[A]]" / "[[B]]" (spec 8, item 14); one format everywhere lets one strict parser grade every method,
-# and the double brackets rarely occur by accident in a judge's explanation.
+# prompts say "[[A]]" / "[[B]]" (docs/algorithm.md §15, item 13); one format everywhere lets one strict parser grade
+# every method, and the double brackets rarely occur by accident in a judge's explanation.
 # The MTA prompt is the paper's (EvalPlanner, Saha et al. 2025). The paper describes the RA, VRP and MRP judge prompts
 # without quoting them in full; the strings below are reconstructions in the MT-Bench pairwise-judge style they follow.
 JUDGE_META_SYSTEM = (

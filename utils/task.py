@@ -22,22 +22,25 @@ class MathTask:
     name = "math"
     multiturn_reas_system = prompts.MULTITURN_REAS_SYSTEM  # the RA is asked for a boxed answer
 
-    def __init__(self, tokenizer=None, grader=None):
-        self.tokenizer, self.grader = tokenizer, grader
+    def __init__(self, tokenizer=None, grader=None, one_shot: bool = False):
+        """one_shot: a worked example before each single-turn question (prompts.ONE_SHOT; the cpu presets)."""
+        if one_shot and self.name != "math":
+            raise ValueError(f"--one_shot is a math demonstration; the {self.name} task has none")
+        self.tokenizer, self.grader, self.one_shot = tokenizer, grader, one_shot
 
     # ---- prompts, as token ids ending with the generation prompt ----
     def render(self, messages: list[dict]) -> list[int]:
         return prompts.render(self.tokenizer, messages)
 
     def meta_prompt(self, item: dict) -> list[int]:
-        return self.render(prompts.meta_messages(item["question"]))
+        return self.render(prompts.meta_messages(item["question"], self.one_shot))
 
     def reas_prompt(self, item: dict, plan: str) -> list[int]:
-        return self.render(prompts.reas_messages(item["question"], plan))
+        return self.render(prompts.reas_messages(item["question"], plan, self.one_shot))
 
     def single_prompt(self, item: dict, mode: str) -> list[int]:
         """The one agent of the VRP (chain of thought) or MRP (plan then solve) baseline."""
-        return self.render((prompts.vrp_messages if mode == "vrp" else prompts.mrp_messages)(item["question"]))
+        return self.render((prompts.vrp_messages if mode == "vrp" else prompts.mrp_messages)(item["question"], self.one_shot))
 
     def conversation(self, item: dict) -> str:
         """The question a multi-turn conversation is about."""

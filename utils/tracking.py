@@ -94,6 +94,17 @@ class RunLogger:
             self.wandb.finish()
 
 
+def accuracy_change(before: float, after: float, n: int | None) -> str:
+    """'change +0.220, standard error 0.060 over 100 questions: beyond noise (2 SE = 0.120)'. The standard error
+    treats the two evaluations as independent samples of n questions, sqrt(p0 (1 - p0) / n + p1 (1 - p1) / n): on the
+    same questions the true one is smaller, so "within noise" (|change| < 2 standard errors) is cautious."""
+    if not n:
+        return f"change {after - before:+.3f}"
+    se = math.sqrt(before * (1 - before) / n + after * (1 - after) / n)
+    verdict = "within noise" if abs(after - before) < 2 * se else "beyond noise"
+    return f"change {after - before:+.3f}, standard error {se:.3f} over {int(n)} questions: {verdict} (2 SE = {2 * se:.3f})"
+
+
 class RunProgress:
     """What a person watching the run sees: a short header (what runs, where the logs go, how to watch them), one
     progress bar over the whole run with a total and an ETA, a line per phase, and a summary line at the end."""
@@ -161,8 +172,9 @@ class RunProgress:
         self.bar.close()
         if not self.enabled:
             return
-        accuracy = logger.first_and_last("eval/accuracy")
+        accuracy, questions = logger.first_and_last("eval/accuracy"), logger.first_and_last("eval/questions")
         change = f"eval/accuracy {accuracy[0]:.3f} -> {accuracy[1]:.3f}" if accuracy else "no evaluation"
+        noise = f"; {accuracy_change(*accuracy, questions[1] if questions else None)}" if accuracy else ""
         print(f"done: {change} (step 0 -> {self.done}) in {self.elapsed() / 60:.1f} min; checkpoint "
               f"{checkpoint.run_dir}/checkpoints/step_{checkpoint.saved_step:06d} (--resume {self.run_dir}; eval.py --model "
-              f"<checkpoint>/<agent>)")
+              f"<checkpoint>/<agent>){noise}")

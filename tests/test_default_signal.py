@@ -1,0 +1,45 @@
+"""The default command must give the reasoning agent something to learn from. With the real embedded model
+(SmolLM2-135M-Instruct from PyPI) and the `cpu` preset exactly as `rema_single.py` parses it, the RA's first
+rollout on a few training questions (each under the MTA's greedy plan, as D_l's filter builds them) must have
+rewards that differ within a group: with the paper's zero-shot prompts the 135M model never boxes an answer, every
+reward is -1, every advantage 0, and the first phase trains on nothing."""
+
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import rema_single as rs
+from utils.faults import Preemption
+from utils.grading import Grader
+from utils.models import Agent, load_model, load_tokenizer, resolve_model
+from utils.sampling import make_sampler
+from utils.task import TASKS
+
+
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "float32"])
+def test_cpu_preset_first_reasoning_rollout_has_reward_variance(monkeypatch, bf16):
+    monkeypatch.setattr(sys, "argv", ["rema_single.py", "--bf16" if bf16 else "--no-bf16"])
+    args = rs.parse_args()  # the default command's configuration
+    accelerator = Accelerator(cpu=True)
+    path = resolve_model(args.lm.model)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path).eval()
+    agents = {name: Agent(name, model, None, [], length, unwrapped=model) for name, length in
+              (("meta_thinking", args.meta_max_completion_length), ("reasoning", args.reas_max_completion_length))}
+    grader = Grader(args.grading.timeout, 1, args.grading.grader)
+    try:
+        task = TASKS[args.data.task](tokenizer, grader, args.one_shot)
+        train_set, _ = task.load(args)
+        sampler = make_sampler(args, accelerator, path, tokenizer, Preemption(), max_model_len=None)
+        items = [q | {"uid": i} for i, q in enumerate(train_set[:4])]
+        with torch.no_grad():
+            _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in items], 0.0, "greedy plans")
+            rollout = rs.rollout_reasoning([q | {"plan": m} for q, m in zip(items, plans)], agents["reasoning"], agents,
+                                           sampler, task, args, step=0)
+    finally:
+        grader.close()
+    rewards = torch.tensor(rollout["rewards"]).view(len(items), args.num_generations)  # (questions, G)
+    assert (rewards.std(-1) > 0).any(), f"every group's rewards are equal: {rewards.tolist()}"
+    assert (rewards > -1).float().mean() >= 0.5, f"most answers should be boxed: {rewards.tolist()}"
