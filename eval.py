@@ -106,8 +106,9 @@ class Args:
     stop_when_truncated: bool | None = None
     """rema_multiturn: end a conversation when a turn is truncated (None: as the training run did)"""
     one_shot: bool = False
-    """vrp / mrp / rema on math: the worked example (7 + 5) before each question that rema_single.py's cpu preset
-    trains with; on by itself when --model is a checkpoint of a run that trained with it (its config.json)"""
+    """vrp / mrp / rema on math: the worked example (7 + 5) before each question in the answering agent's prompt that
+    rema_single.py's cpu preset trains with; on by itself when --model is a checkpoint of a run that trained with it
+    (its config.json)"""
     preset: str | None = None
     """rema_multiturn: when --model is not a training run's checkpoint (an sft.py output, a hub model), the preset of
     rema_multiturn.py whose turn limits to use (cpu, paper-qwen2.5-7b); flags still override each limit"""

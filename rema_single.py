@@ -36,8 +36,8 @@ Departures from the paper / official code, all deliberate:
     model for the whole run. The prompt filter is ReMA's (App. D.1): `--mode vrp|mrp` trains unfiltered unless
     `--filter` is given, and so do the VRP / MRP paper presets.
 11. CPU-sized defaults (`--preset cpu`, chosen on the training reward and on training questions): the built-in `a + b`
-    task and SmolLM2-135M; a worked example (7 + 5) before each question in every agent's prompt (`--one_shot`:
-    greedy, the 135M pair boxes 0 of 100 answers without it, 98 with it, so without it every first RA reward is -1);
+    task and SmolLM2-135M; a worked example (7 + 5) before each question in the RA's prompt (`--one_shot`; the MTA
+    keeps the paper's): zero-shot the 135M RA boxes none of its greedy answers and its first rewards are all -1;
     temperature 0.7 for the rollouts and the filter; plans of 32 and solutions of 48 tokens; 2 epochs per
     phase of one round; a filter pool of 32 questions; 100 held-out sums. Each flag's docstring gives the paper's
     value, and the `paper-*` presets set them all.
@@ -103,9 +103,9 @@ class Args:
     entire dataset), see FOLLOWS"""
     prompt_filter: FilterArgs = field(default_factory=FilterArgs)
     one_shot: bool = True
-    """a worked example (7 + 5) before each question, as an earlier exchange, in every agent's prompt (not in the
-    paper: the 135M model boxes its answer only after one). Unless given, on for --preset cpu on the math task and
-    off otherwise, see FOLLOWS"""
+    """a worked example (7 + 5) before each question, as an earlier exchange, in the prompt of the agent that answers
+    (the RA; VRP, MRP), not the MTA's (not in the paper: the 135M model boxes its answer only after one). Unless
+    given, on for --preset cpu on the math task and off otherwise, see FOLLOWS"""
     # ---- rollout ----
     rollout_batch_size: int = 8
     """B: prompts per training step over all processes (paper: 1000); for the RA a prompt is a (question, plan) pair"""

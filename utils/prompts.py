@@ -62,9 +62,11 @@ MULTITURN_REAS_SYSTEM = (
 
 
 # ---- the CPU preset's one-shot demonstration (not in the paper) ----
-# SmolLM2-135M boxes 0 of 100 greedy answers to `a + b` zero-shot and 98 of 100 after one worked example, so
-# without it the reasoning agent's first rollouts are all -1 (nothing to learn from). `--one_shot` (the `cpu`
-# presets) puts this exchange before the question, as an earlier user / assistant turn; the paper's prompts have none.
+# Zero-shot, SmolLM2-135M's reasoning agent boxes none of its greedy answers to `a + b`, so its first rollouts are
+# all -1 (nothing to learn from). `--one_shot` (the `cpu` preset) puts a worked example before the question, as an
+# earlier user / assistant turn, in the prompts of the agents that answer (the RA, VRP, MRP): it shows the answer's
+# format. The meta-thinking agent keeps the paper's prompt, so how to plan is left to RL. The paper's prompts have
+# no example.
 ONE_SHOT = {"question": "What is 7 + 5?", "plan": "Add the two numbers: start from 7 and count up 5 more.",
             "solution": "7 + 5 = 12.\nThe answer is \\boxed{12}."}
 
@@ -73,10 +75,9 @@ def _exchange(user: str, reply: str, one_shot: bool) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}] if one_shot else []
 
 
-def meta_messages(question: str, one_shot: bool = False) -> list[dict]:
+def meta_messages(question: str) -> list[dict]:
     """What the meta-thinking agent sees in single-turn ReMA."""
-    demo = _exchange(META_USER.format(question=ONE_SHOT["question"]), ONE_SHOT["plan"], one_shot)
-    return [{"role": "system", "content": META_SYSTEM}, *demo, {"role": "user", "content": META_USER.format(question=question)}]
+    return [{"role": "system", "content": META_SYSTEM}, {"role": "user", "content": META_USER.format(question=question)}]
 
 
 def reas_messages(question: str, plan: str, one_shot: bool = False) -> list[dict]:

@@ -23,7 +23,8 @@ class MathTask:
     multiturn_reas_system = prompts.MULTITURN_REAS_SYSTEM  # the RA is asked for a boxed answer
 
     def __init__(self, tokenizer=None, grader=None, one_shot: bool = False):
-        """one_shot: a worked example before each single-turn question (prompts.ONE_SHOT; the cpu presets)."""
+        """one_shot: a worked example before each question in the answering agents' single-turn prompts (the RA,
+        VRP, MRP; prompts.ONE_SHOT; the cpu preset)."""
         if one_shot and self.name != "math":
             raise ValueError(f"--one_shot is a math demonstration; the {self.name} task has none")
         self.tokenizer, self.grader, self.one_shot = tokenizer, grader, one_shot
@@ -33,7 +34,7 @@ class MathTask:
         return prompts.render(self.tokenizer, messages)
 
     def meta_prompt(self, item: dict) -> list[int]:
-        return self.render(prompts.meta_messages(item["question"], self.one_shot))
+        return self.render(prompts.meta_messages(item["question"]))  # (no worked example: how to plan is learned)
 
     def reas_prompt(self, item: dict, plan: str) -> list[int]:
         return self.render(prompts.reas_messages(item["question"], plan, self.one_shot))
