@@ -5,6 +5,7 @@
 #   bash bench/evidence.sh judge           # the judge task offline: procedure SFT, then VRP and ReMA, then eval.py
 #   bash bench/evidence.sh decomposition   # ReMA vs VRP vs MRP on 3-operand expressions, 3 seeds, equal training time
 #   bash bench/evidence.sh vllm            # the importance-sampling correction on vLLM samples (needs setup_vllm.sh)
+# The README's default runs (3 seeds x bf16 on / off): bash bench/default_run.sh (its own script).
 # Runs go to $OUT (default runs/evidence); the committed copies (metrics.jsonl, config.json, transcripts.jsonl,
 # tables and plots) go to docs/evidence/<part>/.
 set -euo pipefail
