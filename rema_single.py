@@ -38,9 +38,9 @@ Departures from the paper / official code, all deliberate:
 11. CPU-sized defaults (`--preset cpu`, chosen on the training reward and on training questions): the built-in `a + b`
     task and SmolLM2-135M; a worked example (7 + 5) before each question in the RA's prompt (`--one_shot`; the MTA
     keeps the paper's): zero-shot the 135M RA boxes none of its greedy answers and its first rewards are all -1;
-    temperature 0.7 for the rollouts and the filter; plans of 32 and solutions of 48 tokens; 2 epochs per
-    phase of one round; a filter pool of 32 questions; 100 held-out sums. Each flag's docstring gives the paper's
-    value, and the `paper-*` presets set them all.
+    temperature 0.7 for the rollouts and the filter; plans and solutions of 32 tokens; 2 epochs per
+    phase of one round; a filter pool of 32 questions; 100 held-out sums, evaluated at the start and the end only;
+    no gradient checkpointing. Each flag's docstring gives the paper's value, and the `paper-*` presets set them all.
 """
 
 import math
@@ -117,7 +117,7 @@ class Args:
     """sampling temperature of the rollouts and of the prompt filter (paper 1.0); evaluation is greedy"""
     meta_max_completion_length: int = 32
     """max new tokens of a plan (paper: 2048)"""
-    reas_max_completion_length: int = 48
+    reas_max_completion_length: int = 32
     """max new tokens of a solution, also the VRP / MRP reply (paper: 2048)"""
     # ---- optimisation ----
     advantage_estimator: str = "reinforce_pp"

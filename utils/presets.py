@@ -23,7 +23,7 @@ SINGLE_TURN_PAPER = {
     "num_generations": 4, "reas_samples_per_plan": None, "mini_batch_size": 400, "micro_batch_size": 4,
     "meta_max_completion_length": 2048, "reas_max_completion_length": 2048, "generation.backend": "vllm",
     "prompt_filter.num_samples": 10, "prompt_filter.pool_size": None, "prompt_filter.plans_per_question": 4,
-    "run.eval_every": 20, "run.save_every": 20,
+    "run.eval_every": 20, "run.save_every": 20, "lm.gradient_checkpointing": True,
     "one_shot": False,  # the paper's prompts (App. G), without the cpu preset's worked example
 }
 # model -> (hub id, ReMA's #UpdateIteration on MATH, #TrainingEpisode of ReMA / VRP / MRP on MATH)
@@ -64,5 +64,6 @@ def multi_turn() -> dict[str, tuple[str, dict]]:
                                      "mask_unfinished_reward": True, "stop_when_truncated": True, "temperature": 1.0,
                                      "optim.learning_rate": 1e-6, "optim.weight_decay": 0.01, "num_mini_batches": 4,
                                      "micro_batch_size": 4, "total_steps": 500, "generation.backend": "vllm",
-                                     "run.eval_every": 10, "run.save_every": 10}),
+                                     "run.eval_every": 10, "run.save_every": 10,
+                                     "lm.gradient_checkpointing": True}),
     }
