@@ -38,9 +38,10 @@ Departures from the paper / official code, all deliberate:
 11. CPU-sized defaults (`--preset cpu`, chosen on the training reward and on training questions): the built-in `a + b`
     task and SmolLM2-135M; a worked example (7 + 5) before each question in the RA's prompt (`--one_shot`; the MTA
     keeps the paper's): zero-shot the 135M RA boxes none of its greedy answers and its first rewards are all -1;
-    temperature 0.7 for the rollouts and the filter; plans and solutions of 32 tokens; 2 epochs per
-    phase of one round; a filter pool of 32 questions; 100 held-out sums, evaluated at the start and the end only;
-    no gradient checkpointing. Each flag's docstring gives the paper's value, and the `paper-*` presets set them all.
+    temperature 0.7 for the rollouts and the filter; 3 samples per prompt; plans and solutions of 32 tokens; 2
+    epochs per phase of one round; a filter pool of 32 questions; 100 held-out sums, evaluated at the start and the
+    end only; no gradient checkpointing. Each flag's docstring gives the paper's value, and the `paper-*` presets
+    set them all.
 """
 
 import math
@@ -109,7 +110,7 @@ class Args:
     # ---- rollout ----
     rollout_batch_size: int = 8
     """B: prompts per training step over all processes (paper: 1000); for the RA a prompt is a (question, plan) pair"""
-    num_generations: int = 4
+    num_generations: int = 3
     """G: samples per prompt, the group of GRPO / RLOO (paper: 4)"""
     reas_samples_per_plan: int | None = 2
     """K: RA samples per plan that R_h averages when training the MTA (paper: not stated; None: num_generations)"""
