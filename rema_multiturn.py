@@ -33,8 +33,8 @@ Departures from the paper / official code, all deliberate:
  6. No KL term and no entropy bonus: the paper's multi-turn runs use neither (beta = 0).
  7. With `--backend vllm` the loss is weighted by the truncated importance ratio pi_old / pi_vLLM (TRL and verl do
     the same; utils/sampling.py): the engine's bf16 kernels sample from a slightly different policy than pi_old.
- 8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 8 questions x 4 trajectories per step for 10 steps, 2 turns
-    of 32 tokens, higher learning rate, temperature 0.7, no reward mask (the untrained model never writes [FINISH])
+ 8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 8 questions x 4 trajectories per step for 30 steps, 2 turns
+    of 64 tokens, higher learning rate, temperature 0.7, no reward mask (the untrained model never writes [FINISH])
     and no stop on truncation, evaluation at the start and the end only, no gradient checkpointing; the paper's
     value is in the docstring of every flag, and `--preset paper-qwen2.5-7b` sets them all.
  9. With separate parameters each agent's AdamW state persists across the switches (not stated in the paper).
@@ -84,7 +84,7 @@ class Args:
     """one model plays both agents (paper); --no-param_sharing: separate parameters, one agent trained at a time (Fig. 6)"""
     switch_freq: int = 10
     """--no-param_sharing: steps per block of one agent, MTA first (official default 10)"""
-    total_steps: int = 10
+    total_steps: int = 30
     """training steps (paper: 500)"""
     mask_unfinished_reward: bool = False
     """reward 0 unless the MTA ended the conversation with [FINISH] (paper's format reward; True in the paper, which
@@ -99,7 +99,7 @@ class Args:
     """G: trajectories per question, the GRPO group (paper: 16)"""
     max_turns: int = 2
     """turns per trajectory; a turn is one MTA message and one RA message (paper: 30)"""
-    max_completion_length: int = 32
+    max_completion_length: int = 64
     """max new tokens of one turn of either agent (paper: 512)"""
     max_context_length: int = 512
     """max tokens of the conversation an agent is prompted with; longer ends the trajectory (paper: 4096)"""
