@@ -121,8 +121,8 @@ class Args:
     """PPO clip range (paper 0.2)"""
     epsilon_high: float | None = None
     """upper clip range (DAPO clip-higher); None: epsilon"""
-    dual_clip: float = 3.0
-    """dual clip c: the loss of a negative-advantage unit is capped at -A c (official 3.0)"""
+    dual_clip: float | None = 3.0
+    """dual clip c: the loss of a negative-advantage unit is capped at -A c (official 3.0); None: off"""
     log_ratio_cap: float = 3.0
     """L: token log-ratios are capped at L before exponentiating (official 3.0)"""
     num_iterations: int = 1
@@ -151,155 +151,7 @@ class Args:
     wandb: WandbArgs = field(default_factory=WandbArgs)
 
 
-# ---- REWARD (docs/algorithm.md §10) --------------------------------------------------------------------------------
-def trajectory_reward(correct: float, reason: int, mask_unfinished_reward: bool) -> float:
-    """Both agents get the correctness of the RA's final answer; with the mask, 0 unless the MTA finished."""
-    return correct if (not mask_unfinished_reward or reason == NORMAL) else 0.0
-
-
-# ---- ADVANTAGES (docs/algorithm.md §11): one per trajectory, shared by both agents' sequences ----------------------
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool) -> torch.Tensor:
-    """A_i = (R_i - mean_g) / (std_g + 1e-6), unbiased std (official); a group of one gets A = R (mean 0, std 1).
-    rewards: (N,) with each group of G consecutive; returns (N,)."""
-    if group_size == 1:
-        return rewards.clone()
-    r = rewards.view(-1, group_size)  # (N/G, G)
-    adv = r - r.mean(-1, keepdim=True)
-    if scale_rewards:
-        adv = adv / (r.std(-1, keepdim=True) + 1e-6)
-    return adv.reshape(-1)
-
-
-# ---- POLICY LOSS: the turn-level ratio (paper Eq. 12-13, docs/algorithm.md §12), weighted against the sampler ------
-def ppo_clip_loss(ratio, adv, eps_low, eps_high, dual_clip):
-    """l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0 (dual clip).
-    Elementwise; returns the loss and where the low clip, the high clip and the dual clip were active."""
-    loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
-    is_dual = (adv < 0) & (loss > -adv * dual_clip)
-    loss = torch.where(adv < 0, torch.min(loss, -adv * dual_clip), loss)
-    is_low = (ratio < 1 - eps_low) & (adv < 0)
-    is_high = (ratio > 1 + eps_high) & (adv > 0)
-    return loss, is_low, is_high, is_dual
-
-
-def per_turn_sum(x: torch.Tensor, turn_ids: torch.Tensor, num_turns: int) -> torch.Tensor:
-    """(n, C) token values -> (n, num_turns): the sum over the tokens of each turn (tokens with turn id -1 ignored)."""
-    mask = (turn_ids >= 0).to(x.dtype)
-    out = torch.zeros(x.shape[0], num_turns, dtype=x.dtype, device=x.device)
-    return out.scatter_add(1, turn_ids.clamp(min=0), x * mask)
-
-
-def turn_policy_loss(logp, old_logp, advantages, turn_ids, *, clip_mode: str, ratio_form: str, agg_mode: str,
-                     eps_low: float, eps_high: float, dual_clip: float, log_ratio_cap: float, is_weight=None):
-    """The sum over this micro-batch of the units agg_mode averages (divide by loss_normaliser of the mini-batch):
-        trajectory: per sequence, the mean of its turn (or token) losses;  turn: each turn's loss (clip_mode=turn)
-        or mean token loss (clip_mode=token);  token: each token's loss (a turn's loss counts once per token).
-    logp, old_logp, turn_ids, is_weight (importance weights against the sampler, a turn's weight being the mean of
-    its tokens'; None: 1): (n, C); advantages: (n,). Returns (loss sum, counts of clipped units, units)."""
-    mask = (turn_ids >= 0).float()  # (n, C) trained tokens
-    T = int(turn_ids.max().clamp(min=0)) + 1
-    log_ratio = (logp - old_logp) * mask  # (n, C)
-    adv_tok = advantages[:, None].expand_as(logp)  # (n, C)
-    tokens = per_turn_sum(torch.ones_like(logp), turn_ids, T)  # (n, T): |J_{s,t}|
-    valid = (tokens > 0).float()  # (n, T): turns that exist
-    size = tokens.clamp(min=1)
-    if clip_mode == "turn":
-        if ratio_form == "geometric":  # rho = exp(min(mean_j lr_j, L))
-            ratio = torch.exp(torch.clamp(per_turn_sum(log_ratio, turn_ids, T) / size, max=log_ratio_cap))
-        else:  # Eq. 13 with capped tokens: rho = mean_j exp(min(lr_j, L))
-            ratio = per_turn_sum(torch.exp(torch.clamp(log_ratio, max=log_ratio_cap)), turn_ids, T) / size
-        adv = per_turn_sum(adv_tok, turn_ids, T) / size  # (n, T): the turn's mean advantage
-        loss, low, high, dual = ppo_clip_loss(ratio, adv, eps_low, eps_high, dual_clip)  # (n, T)
-        if is_weight is not None:
-            loss = loss * per_turn_sum(is_weight, turn_ids, T) / size
-        loss, units = loss * valid, valid
-        if agg_mode == "trajectory":
-            total = (loss.sum(-1) / valid.sum(-1).clamp(min=1)).sum()
-        elif agg_mode == "turn":
-            total = loss.sum()
-        else:
-            total = (loss * tokens).sum()
-    else:  # token-level ratio
-        ratio = torch.exp(torch.clamp(log_ratio, max=log_ratio_cap))  # (n, C)
-        loss, low, high, dual = ppo_clip_loss(ratio, adv_tok, eps_low, eps_high, dual_clip)  # (n, C)
-        if is_weight is not None:
-            loss = loss * is_weight
-        loss, units = loss * mask, mask
-        if agg_mode == "trajectory":
-            total = (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
-        elif agg_mode == "turn":
-            total = (per_turn_sum(loss, turn_ids, T) / size).sum()
-        else:
-            total = loss.sum()
-    counts = {k: (v.float() * units).sum() for k, v in dict(clip_low=low, clip_high=high, clip_dual=dual).items()}
-    return total, counts | {"units": units.sum()}
-
-
-def loss_normaliser(turn_ids: torch.Tensor, agg_mode: str) -> float:
-    """The denominator of agg_mode's mean over (n, C) turn ids: sequences, distinct (sequence, turn) pairs, or tokens."""
-    if agg_mode == "trajectory":
-        return float(turn_ids.shape[0])
-    if agg_mode == "token":
-        return float((turn_ids >= 0).sum())
-    T = int(turn_ids.max().clamp(min=0)) + 1
-    return float((per_turn_sum(torch.ones(turn_ids.shape), turn_ids.cpu(), T) > 0).sum())
-
-
-def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
-    """The loss of one micro-batch (its share of the mini-batch mean) and its statistics."""
-    m = (micro["turn_ids"] >= 0).float()
-    old_logp = micro["old_logp"] if "old_logp" in micro else logp.detach()
-    total, counts = turn_policy_loss(logp, old_logp, micro["advantages"], micro["turn_ids"], clip_mode=args.clip_mode,
-                                     ratio_form=args.ratio_form, agg_mode=args.agg_mode, eps_low=args.epsilon,
-                                     eps_high=d.eps_high, dual_clip=args.dual_clip, log_ratio_cap=args.log_ratio_cap,
-                                     is_weight=micro.get("is_weight"))
-    loss = total / norm
-    stats = dict(loss=loss.item(), entropy=(entropy * m).sum().item(), tokens=m.sum().item())
-    return loss, stats | {k: v.item() for k, v in counts.items()}
-
-
-# ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
-# the valid range of each numeric option of Args (the shared groups': utils/validate.py, SHARED), checked right after
-# parsing (parse_args) and again by validate(): a bad value exits with status 2 and a message naming the flag
-RANGES = {
-    "switch_freq": at_least(1), "total_steps": at_least(1), "rollout_batch_size": at_least(1),
-    "num_generations": at_least(1), "max_turns": at_least(1), "max_completion_length": at_least(1),
-    "max_context_length": at_least(1), "temperature": above(0), "epsilon": above(0), "epsilon_high": above(0),
-    "dual_clip": above(1),  # it caps the loss of negative advantages at -A c
-    "log_ratio_cap": above(0), "num_iterations": at_least(1), "num_mini_batches": at_least(1),
-    "micro_batch_size": at_least(1),
-}
-
-
-def parse_args() -> Args:
-    """The command line over its preset, every numeric option checked against its range before anything loads."""
-    return check_ranges(cli(Args, multi_turn(), "rema_multiturn.py"), RANGES, "rema_multiturn.py")
-
-
-def validate(args: Args, accelerator) -> None:
-    """The ranges, then the options that depend on each other or on the number of processes; a violation prints
-    its message to stderr and exits with status 2."""
-    check_ranges(args, RANGES, "rema_multiturn.py")
-    world = accelerator.num_processes
-    def need(ok: bool, msg: str):
-        if not ok:
-            refuse(f"rema_multiturn.py: {msg}")
-
-    B, G = args.rollout_batch_size, args.num_generations
-    need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
-    need(G >= 1 and args.micro_batch_size >= 1, "--num_generations and --micro_batch_size must be >= 1")
-    need(args.max_turns >= 1 and args.max_completion_length >= 1, "--max_turns and --max_completion_length must be >= 1")
-    need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
-    need(args.clip_mode == "turn" or args.ratio_form == "geometric",
-         "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
-    need(args.dual_clip > 1, "--dual_clip must be > 1 (it caps the loss of negative advantages at -A c)")
-    need(args.switch_freq >= 1, "--switch_freq must be >= 1")
-    per_rank = B // world * G * (len(ROLES) if args.param_sharing else 1)
-    need(args.num_mini_batches >= 1 and per_rank >= args.num_mini_batches,
-         f"--num_mini_batches {args.num_mini_batches} needs at least that many sequences per process ({per_rank}): "
-         f"raise --rollout_batch_size or lower --num_mini_batches")
-
-
+# ---- DERIVED: every size and choice that follows from the options, decided once (validate(): SETUP, at the end) ------
 @dataclass(frozen=True)
 class Derived:
     recompute_old: bool  # pi_old recomputed by the trainer before the update (more than one step, or vLLM samples)
@@ -444,39 +296,113 @@ def sequence_sampler_logprobs(seqs, trajs_by_seq, mask: torch.Tensor) -> torch.T
     return sampled
 
 
-# ---- SCHEDULE: total_steps steps over shuffled epochs; separate parameters switch agents every switch_freq ----------
-def trained_roles(step: int, args: Args) -> list[str]:
-    """The agents trained at `step`: both (shared parameters), or one block of switch_freq steps each, MTA first."""
-    return ROLES if args.param_sharing else [ROLES[(step // args.switch_freq) % len(ROLES)]]
+# ---- REWARD (docs/algorithm.md §10) --------------------------------------------------------------------------------
+def trajectory_reward(correct: float, reason: int, mask_unfinished_reward: bool) -> float:
+    """Both agents get the correctness of the RA's final answer; with the mask, 0 unless the MTA finished."""
+    return correct if (not mask_unfinished_reward or reason == NORMAL) else 0.0
 
 
-def advance(state: dict, steps_per_epoch: int) -> None:
-    """Move the schedule's cursor (batch, epoch) past the step just taken."""
-    state["batch"] += 1
-    if state["batch"] >= steps_per_epoch:
-        state["batch"], state["epoch"] = 0, state["epoch"] + 1
+# ---- ADVANTAGES (docs/algorithm.md §11): one per trajectory, shared by both agents' sequences ----------------------
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool) -> torch.Tensor:
+    """A_i = (R_i - mean_g) / (std_g + 1e-6), unbiased std (official); a group of one gets A = R (mean 0, std 1).
+    rewards: (N,) with each group of G consecutive; returns (N,)."""
+    if group_size == 1:
+        return rewards.clone()
+    r = rewards.view(-1, group_size)  # (N/G, G)
+    adv = r - r.mean(-1, keepdim=True)
+    if scale_rewards:
+        adv = adv / (r.std(-1, keepdim=True) + 1e-6)
+    return adv.reshape(-1)
 
 
-# ---- EVALUATION: greedy multi-turn conversations on the held-out set ------------------------------------------------
-def rollout_metrics(trajs: list[Trajectory], n_real: int, prefix: str) -> dict:
-    """Means over the trajectories of every process (the first n_real of this process's list are real)."""
-    rows = gather_object([(tr.reward, tr.correct, tr.num_turns, tr.reason,
-                           {r: [(t.num_tokens, t.truncated) for t in tr.turns if t.role == r] for r in ROLES})
-                          for tr in trajs[:n_real]])
-    n = len(rows)
-    out = {f"{prefix}/reward": sum(r[0] for r in rows) / n, f"{prefix}/accuracy": sum(r[1] for r in rows) / n,
-           f"{prefix}/mean_turns": sum(r[2] for r in rows) / n, f"{prefix}/questions": n}
-    out |= {f"{prefix}/finish/{name}": sum(r[3] == code for r in rows) / n for code, name in REASONS.items()}
-    for role in ROLES:
-        turns = [t for r in rows for t in r[4][role]]
-        out[f"{prefix}/{PREFIX[role]}/turn_length"] = sum(t[0] for t in turns) / max(len(turns), 1)
-        out[f"{prefix}/{PREFIX[role]}/clipped_ratio"] = sum(t[1] for t in turns) / max(len(turns), 1)
-    return out
+# ---- POLICY LOSS: the turn-level ratio (paper Eq. 12-13, docs/algorithm.md §12), weighted against the sampler ------
+def ppo_clip_loss(ratio, adv, eps_low, eps_high, dual_clip):
+    """l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0 (dual clip c; None: off).
+    Elementwise; returns the loss and where the low clip, the high clip and the dual clip were active."""
+    loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+    is_dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        is_dual = (adv < 0) & (loss > -adv * dual_clip)
+        loss = torch.where(adv < 0, torch.min(loss, -adv * dual_clip), loss)
+    is_low = (ratio < 1 - eps_low) & (adv < 0)
+    is_high = (ratio > 1 + eps_high) & (adv > 0)
+    return loss, is_low, is_high, is_dual
 
 
-def evaluate(eval_set, agent_of, sampler, task, args, accelerator) -> dict:
-    mine, n_real = shard(eval_set, accelerator.process_index, accelerator.num_processes)
-    return rollout_metrics(rollout(mine, agent_of, sampler, task, args, 0.0, "eval"), n_real, "eval")
+def per_turn_sum(x: torch.Tensor, turn_ids: torch.Tensor, num_turns: int) -> torch.Tensor:
+    """(n, C) token values -> (n, num_turns): the sum over the tokens of each turn (tokens with turn id -1 ignored)."""
+    mask = (turn_ids >= 0).to(x.dtype)
+    out = torch.zeros(x.shape[0], num_turns, dtype=x.dtype, device=x.device)
+    return out.scatter_add(1, turn_ids.clamp(min=0), x * mask)
+
+
+def turn_policy_loss(logp, old_logp, advantages, turn_ids, *, clip_mode: str, ratio_form: str, agg_mode: str,
+                     eps_low: float, eps_high: float, dual_clip: float, log_ratio_cap: float, is_weight=None):
+    """The sum over this micro-batch of the units agg_mode averages (divide by loss_normaliser of the mini-batch):
+        trajectory: per sequence, the mean of its turn (or token) losses;  turn: each turn's loss (clip_mode=turn)
+        or mean token loss (clip_mode=token);  token: each token's loss (a turn's loss counts once per token).
+    logp, old_logp, turn_ids, is_weight (importance weights against the sampler, a turn's weight being the mean of
+    its tokens'; None: 1): (n, C); advantages: (n,). Returns (loss sum, counts of clipped units, units)."""
+    mask = (turn_ids >= 0).float()  # (n, C) trained tokens
+    T = int(turn_ids.max().clamp(min=0)) + 1
+    log_ratio = (logp - old_logp) * mask  # (n, C)
+    adv_tok = advantages[:, None].expand_as(logp)  # (n, C)
+    tokens = per_turn_sum(torch.ones_like(logp), turn_ids, T)  # (n, T): |J_{s,t}|
+    valid = (tokens > 0).float()  # (n, T): turns that exist
+    size = tokens.clamp(min=1)
+    if clip_mode == "turn":
+        if ratio_form == "geometric":  # rho = exp(min(mean_j lr_j, L))
+            ratio = torch.exp(torch.clamp(per_turn_sum(log_ratio, turn_ids, T) / size, max=log_ratio_cap))
+        else:  # Eq. 13 with capped tokens: rho = mean_j exp(min(lr_j, L))
+            ratio = per_turn_sum(torch.exp(torch.clamp(log_ratio, max=log_ratio_cap)), turn_ids, T) / size
+        adv = per_turn_sum(adv_tok, turn_ids, T) / size  # (n, T): the turn's mean advantage
+        loss, low, high, dual = ppo_clip_loss(ratio, adv, eps_low, eps_high, dual_clip)  # (n, T)
+        if is_weight is not None:
+            loss = loss * per_turn_sum(is_weight, turn_ids, T) / size
+        loss, units = loss * valid, valid
+        if agg_mode == "trajectory":
+            total = (loss.sum(-1) / valid.sum(-1).clamp(min=1)).sum()
+        elif agg_mode == "turn":
+            total = loss.sum()
+        else:
+            total = (loss * tokens).sum()
+    else:  # token-level ratio
+        ratio = torch.exp(torch.clamp(log_ratio, max=log_ratio_cap))  # (n, C)
+        loss, low, high, dual = ppo_clip_loss(ratio, adv_tok, eps_low, eps_high, dual_clip)  # (n, C)
+        if is_weight is not None:
+            loss = loss * is_weight
+        loss, units = loss * mask, mask
+        if agg_mode == "trajectory":
+            total = (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+        elif agg_mode == "turn":
+            total = (per_turn_sum(loss, turn_ids, T) / size).sum()
+        else:
+            total = loss.sum()
+    counts = {k: (v.float() * units).sum() for k, v in dict(clip_low=low, clip_high=high, clip_dual=dual).items()}
+    return total, counts | {"units": units.sum()}
+
+
+def loss_normaliser(turn_ids: torch.Tensor, agg_mode: str) -> float:
+    """The denominator of agg_mode's mean over (n, C) turn ids: sequences, distinct (sequence, turn) pairs, or tokens."""
+    if agg_mode == "trajectory":
+        return float(turn_ids.shape[0])
+    if agg_mode == "token":
+        return float((turn_ids >= 0).sum())
+    T = int(turn_ids.max().clamp(min=0)) + 1
+    return float((per_turn_sum(torch.ones(turn_ids.shape), turn_ids.cpu(), T) > 0).sum())
+
+
+def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
+    """The loss of one micro-batch (its share of the mini-batch mean) and its statistics."""
+    m = (micro["turn_ids"] >= 0).float()
+    old_logp = micro["old_logp"] if "old_logp" in micro else logp.detach()
+    total, counts = turn_policy_loss(logp, old_logp, micro["advantages"], micro["turn_ids"], clip_mode=args.clip_mode,
+                                     ratio_form=args.ratio_form, agg_mode=args.agg_mode, eps_low=args.epsilon,
+                                     eps_high=d.eps_high, dual_clip=args.dual_clip, log_ratio_cap=args.log_ratio_cap,
+                                     is_weight=micro.get("is_weight"))
+    loss = total / norm
+    stats = dict(loss=loss.item(), entropy=(entropy * m).sum().item(), tokens=m.sum().item())
+    return loss, stats | {k: v.item() for k, v in counts.items()}
 
 
 # ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
@@ -538,11 +464,73 @@ def step_metrics(agent, roles, rewards, sums: dict, is_stats: dict, G: int, args
                f"{p}/clip_ratio/region_mean": (s["clip_low"] + s["clip_high"]) / units,
                f"{p}/clip_ratio/dual_mean": s["clip_dual"] / units, f"{p}/entropy": s["entropy"] / tok,
                f"{p}/loss": s["loss"] / (accelerator.num_processes * steps),  # mean over the applied optimizer steps
-               f"{p}/grad_norm": s["grad_norm"] / steps, f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"],
+               f"{p}/grad_norm": s["grad_norm"] / steps,
+               f"{p}/optimizer_steps": s["steps"] / accelerator.num_processes,  # applied, on each process
+               f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"],
                f"{p}/tokens": s["tokens"]}
     if s["is_units"] > 0:
         metrics |= {"vllm/is_weight_mean": s["is_weight"] / s["is_units"], "vllm/is_capped_frac": s["is_over_cap"] / s["is_units"]}
     return metrics
+
+
+def learn(agent, roles: list[str], trajs: list, args, d: Derived, sampler, tokenizer, accelerator, autocast, guard,
+          step: int) -> dict:
+    """Train `agent` on the conversations: one sequence per (trained role, trajectory), that agent's view with its
+    own turns labelled; pi_old, the advantages, then the PPO update. Returns the step's metrics."""
+    by_seq = [(role, tr) for role in roles for tr in trajs]
+    seqs = [role_sequence(tr, role, tokenizer.pad_token_id) for role, tr in by_seq]
+    batch = collate([s[0] for s in seqs], [s[1] for s in seqs], tokenizer.pad_token_id, accelerator.device,
+                    turn_ids=[s[2] for s in seqs])
+    mask = (batch["turn_ids"] >= 0).float()  # (N, C) trained tokens
+    rewards = torch.tensor([tr.reward for tr in trajs], dtype=torch.float32, device=accelerator.device)  # (B_local * G,)
+
+    # ---- OLD LOG-PROBS, and with vLLM the importance weights against its samples ----
+    agent.activate()  # LoRA: this agent's adapter on (the rollout may have left another's on)
+    with sampler.timed("logprobs"):
+        if d.recompute_old:
+            old_logprobs(agent, batch, args, autocast)
+    sampled = sequence_sampler_logprobs(seqs, by_seq, mask)  # (N, C) vLLM's log-probs; None with HF
+    metrics, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}
+    if d.is_mode != "none" and sampled is not None:
+        batch["is_weight"], is_stats = importance_weights(batch["old_logp"], sampled, mask, d.is_mode,
+                                                          args.vllm.importance_sampling_cap)
+
+    # ---- ADVANTAGES: GRPO over each question's G trajectories, both agents' sequences share it: (N,) ----
+    batch["advantages"] = grpo_advantages(rewards, args.num_generations, args.scale_rewards).repeat(len(roles))
+
+    # ---- UPDATE: PPO epochs over mini-batches, gradient accumulation over micro-batches ----
+    with sampler.timed("update"):
+        sums = ppo_update(agent, batch, args, d, accelerator, autocast, guard, step)
+    metrics |= rollout_metrics(trajs, len(trajs), "rollout")
+    metrics |= step_metrics(agent, roles, rewards, sums, is_stats, args.num_generations, args, accelerator)
+    return metrics | sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
+
+# ---- SCHEDULE: total_steps steps over shuffled epochs; separate parameters switch agents every switch_freq ----------
+def trained_roles(step: int, args: Args) -> list[str]:
+    """The agents trained at `step`: both (shared parameters), or one block of switch_freq steps each, MTA first."""
+    return ROLES if args.param_sharing else [ROLES[(step // args.switch_freq) % len(ROLES)]]
+
+
+# ---- EVALUATION: greedy multi-turn conversations on the held-out set ------------------------------------------------
+def rollout_metrics(trajs: list[Trajectory], n_real: int, prefix: str) -> dict:
+    """Means over the trajectories of every process (the first n_real of this process's list are real)."""
+    rows = gather_object([(tr.reward, tr.correct, tr.num_turns, tr.reason,
+                           {r: [(t.num_tokens, t.truncated) for t in tr.turns if t.role == r] for r in ROLES})
+                          for tr in trajs[:n_real]])
+    n = len(rows)
+    out = {f"{prefix}/reward": sum(r[0] for r in rows) / n, f"{prefix}/accuracy": sum(r[1] for r in rows) / n,
+           f"{prefix}/mean_turns": sum(r[2] for r in rows) / n, f"{prefix}/questions": n}
+    out |= {f"{prefix}/finish/{name}": sum(r[3] == code for r in rows) / n for code, name in REASONS.items()}
+    for role in ROLES:
+        turns = [t for r in rows for t in r[4][role]]
+        out[f"{prefix}/{PREFIX[role]}/turn_length"] = sum(t[0] for t in turns) / max(len(turns), 1)
+        out[f"{prefix}/{PREFIX[role]}/clipped_ratio"] = sum(t[1] for t in turns) / max(len(turns), 1)
+    return out
+
+
+def evaluate(eval_set, agent_of, sampler, task, args, accelerator) -> dict:
+    mine, n_real = shard(eval_set, accelerator.process_index, accelerator.num_processes)
+    return rollout_metrics(rollout(mine, agent_of, sampler, task, args, 0.0, "eval"), n_real, "eval")
 
 
 # ---- THE TRAINING LOOP ---------------------------------------------------------------------------------------------
@@ -592,7 +580,7 @@ def main(args: Args) -> None:
         return state.get("evaluated_at") != state["step"] and (state["step"] == 0 or every)
 
     try:
-        while state["step"] < args.total_steps:
+        for step in range(state["step"], args.total_steps):  # one GRPO step per batch, over shuffled epochs
             # ---- EVALUATION and CHECKPOINT of the last completed step (a resumed run never evaluates one twice) ----
             if due_for_eval():
                 logger.log(progress.evaluated(evaluate, eval_set, agent_of, sampler, task, args, accelerator), state["step"])
@@ -600,53 +588,29 @@ def main(args: Args) -> None:
             if state["step"] > 0 and ckpt.due(state["step"]):
                 ckpt.save(state)
             preemption.check(accelerator)  # SIGTERM while that ran: stop here
-            roles = trained_roles(state["step"], args)
+            roles = trained_roles(step, args)
             agent = agent_of[roles[0]]  # shared parameters: the same agent for both roles
+            epoch, k = divmod(step, steps_per_epoch)  # the k-th batch of this epoch's order
             perm = list(range(len(train_set)))
-            random.Random(args.run.seed * 7919 + state["epoch"]).shuffle(perm)
-            idx = perm[state["batch"] * args.rollout_batch_size:(state["batch"] + 1) * args.rollout_batch_size]
+            random.Random(args.run.seed * 7919 + epoch).shuffle(perm)
+            idx = perm[k * args.rollout_batch_size:(k + 1) * args.rollout_batch_size]
             # G trajectories per question, consecutive; the key seeds each trajectory's samples
             G = args.num_generations
-            items = [train_set[i] | {"key": (state["step"], i, g)} for i in idx[rank::world] for g in range(G)]
+            items = [train_set[i] | {"key": (step, i, g)} for i in idx[rank::world] for g in range(G)]
             sampler.times.clear()
             t0 = time.time()
 
             # ---- ROLLOUT: conversations and rewards ----
             trajs = rollout(items, agent_of, sampler, task, args, args.temperature, "rollout")
             t_rollout, memory = time.time() - t0, peak_memory(accelerator, "rollout")  # CUDA: peak GiB so far
-            # one sequence per (trained role, trajectory): that agent's view, its own turns labelled
-            by_seq = [(role, tr) for role in roles for tr in trajs]
-            seqs = [role_sequence(tr, role, tokenizer.pad_token_id) for role, tr in by_seq]
-            batch = collate([s[0] for s in seqs], [s[1] for s in seqs], tokenizer.pad_token_id, accelerator.device,
-                            turn_ids=[s[2] for s in seqs])
-            mask = (batch["turn_ids"] >= 0).float()  # (N, C) trained tokens
-            rewards = torch.tensor([tr.reward for tr in trajs], dtype=torch.float32, device=accelerator.device)  # (B_local * G,)
 
-            # ---- OLD LOG-PROBS, and with vLLM the importance weights against its samples ----
-            agent.activate()  # LoRA: this agent's adapter on (the rollout may have left another's on)
-            with sampler.timed("logprobs"):
-                if d.recompute_old:
-                    old_logprobs(agent, batch, args, autocast)
-            sampled = sequence_sampler_logprobs(seqs, by_seq, mask)  # (N, C) vLLM's log-probs; None with HF
-            metrics, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}
-            if d.is_mode != "none" and sampled is not None:
-                batch["is_weight"], is_stats = importance_weights(batch["old_logp"], sampled, mask, d.is_mode,
-                                                                  args.vllm.importance_sampling_cap)
-
-            # ---- ADVANTAGES: GRPO over each question's G trajectories, both agents' sequences share it: (N,) ----
-            batch["advantages"] = grpo_advantages(rewards, args.num_generations, args.scale_rewards).repeat(len(roles))
-
-            # ---- UPDATE: PPO epochs over mini-batches, gradient accumulation over micro-batches ----
-            with sampler.timed("update"):
-                sums = ppo_update(agent, batch, args, d, accelerator, autocast, guard, state["step"] + 1)
+            # ---- OLD LOG-PROBS -> ADVANTAGES -> UPDATE of the trained agent(s) on the conversations ----
+            metrics = learn(agent, roles, trajs, args, d, sampler, tokenizer, accelerator, autocast, guard, state["step"] + 1)
             state["step"] += 1
             state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
-            advance(state, steps_per_epoch)
+            state["epoch"], state["batch"] = divmod(step + 1, steps_per_epoch)  # the next step's position
 
             # ---- METRICS ----
-            metrics |= rollout_metrics(trajs, len(trajs), "rollout")
-            metrics |= step_metrics(agent, roles, rewards, sums, is_stats, args.num_generations, args, accelerator)
-            metrics |= sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
             metrics |= memory | peak_memory(accelerator, "update")
             metrics |= {f"time/{k}": v for k, v in sampler.times.items()}
             metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
@@ -678,6 +642,47 @@ def main(args: Args) -> None:
         if grader is not None:
             grader.close()
         accelerator.end_training()
+
+
+# ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
+# the valid range of each numeric option of Args (the shared groups': utils/validate.py, SHARED), checked right after
+# parsing (parse_args) and again by validate(): a bad value exits with status 2 and a message naming the flag
+RANGES = {
+    "switch_freq": at_least(1), "total_steps": at_least(1), "rollout_batch_size": at_least(1),
+    "num_generations": at_least(1), "max_turns": at_least(1), "max_completion_length": at_least(1),
+    "max_context_length": at_least(1), "temperature": above(0), "epsilon": above(0), "epsilon_high": above(0),
+    "dual_clip": above(1),  # it caps the loss of negative advantages at -A c
+    "log_ratio_cap": above(0), "num_iterations": at_least(1), "num_mini_batches": at_least(1),
+    "micro_batch_size": at_least(1),
+}
+
+
+def parse_args() -> Args:
+    """The command line over its preset, every numeric option checked against its range before anything loads."""
+    return check_ranges(cli(Args, multi_turn(), "rema_multiturn.py"), RANGES, "rema_multiturn.py")
+
+
+def validate(args: Args, accelerator) -> None:
+    """The ranges, then the options that depend on each other or on the number of processes; a violation prints
+    its message to stderr and exits with status 2."""
+    check_ranges(args, RANGES, "rema_multiturn.py")
+    world = accelerator.num_processes
+    def need(ok: bool, msg: str):
+        if not ok:
+            refuse(f"rema_multiturn.py: {msg}")
+
+    B, G = args.rollout_batch_size, args.num_generations
+    need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
+    need(G >= 1 and args.micro_batch_size >= 1, "--num_generations and --micro_batch_size must be >= 1")
+    need(args.max_turns >= 1 and args.max_completion_length >= 1, "--max_turns and --max_completion_length must be >= 1")
+    need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
+    need(args.clip_mode == "turn" or args.ratio_form == "geometric",
+         "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
+    need(args.switch_freq >= 1, "--switch_freq must be >= 1")
+    per_rank = B // world * G * (len(ROLES) if args.param_sharing else 1)
+    need(args.num_mini_batches >= 1 and per_rank >= args.num_mini_batches,
+         f"--num_mini_batches {args.num_mini_batches} needs at least that many sequences per process ({per_rank}): "
+         f"raise --rollout_batch_size or lower --num_mini_batches")
 
 
 if __name__ == "__main__":

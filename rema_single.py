@@ -131,6 +131,9 @@ class Args:
     """PPO clip range (paper 0.2)"""
     epsilon_high: float | None = None
     """upper clip range (DAPO clip-higher); None: epsilon"""
+    dual_clip: float | None = None
+    """dual clip c: the loss of a negative-advantage token is capped at -A c (OpenRLHF's --dual_clip); None: off,
+    as in the paper's single-turn runs (rema_multiturn.py: 3.0, the official multi-turn value)"""
     num_iterations: int = 1
     """PPO updates over each rollout (TRL name; OpenRLHF max_epochs)"""
     mini_batch_size: int | None = None
@@ -159,6 +162,70 @@ class Args:
     wandb: WandbArgs = field(default_factory=WandbArgs)
 
 
+# ---- DERIVED: every size and choice that follows from the options, decided once (validate(): SETUP, at the end) ------
+@dataclass(frozen=True)
+class Derived:
+    K: int  # RA samples per plan that R_h averages
+    steps_per_rollout: int  # optimizer steps per PPO epoch on a rollout of B x G sequences (the header's count)
+    recompute_old: bool  # pi_old recomputed before every update (the KL in the reward or vLLM needs it; more than
+    # one optimizer step per rollout also needs it: decided per update from the batch, see update_sizes)
+    loss_beta: float  # the coefficient of the k3 KL term in the loss (GRPO / RLOO; 0 when the KL is in the reward)
+    eps_high: float  # upper clip range
+    is_mode: str  # importance weighting against the sampler: "none" unless generation runs on vLLM
+
+
+def derive(args: Args, accelerator) -> Derived:
+    validate(args, accelerator)
+    estimator, vllm = ESTIMATORS[args.advantage_estimator], args.generation.backend == "vllm"
+    _, steps = update_sizes(args.rollout_batch_size * args.num_generations, args, accelerator.num_processes)
+    kl_in_reward = estimator.kl_in_reward and args.beta > 0
+    return Derived(K=args.reas_samples_per_plan or args.num_generations, steps_per_rollout=steps,
+                   recompute_old=args.num_iterations > 1 or kl_in_reward or vllm,
+                   loss_beta=0.0 if estimator.kl_in_reward else args.beta,
+                   eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+                   is_mode=args.vllm.importance_sampling_mode if vllm else "none")
+
+
+# ---- ROLLOUT: one function per kind of training step; each returns sequences and one reward per sequence -----------
+def rollout_reasoning(items, agent, agents, sampler, task, args, step) -> dict:
+    """RA step (and VRP / MRP): items hold (question, plan); the agent samples G solutions per item; reward R_l."""
+    G = args.num_generations
+    if args.mode == "rema" and "plan" not in items[0]:  # schedule=switch: the frozen MTA plans on the fly
+        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(it) for it in items], args.temperature,
+                           "rollout meta_thinking (frozen)", [("plan", step, it["uid"]) for it in items])
+        items = [it | {"plan": m} for it, m in zip(items, plans)]
+    prompts = [task.reas_prompt(it, it["plan"]) if args.mode == "rema" else task.single_prompt(it, args.mode) for it in items]
+    completions, texts = sampler(agent, [p for p in prompts for _ in range(G)], args.temperature, f"rollout {agent.name}",
+                                 [("rollout", step, it["uid"], g) for it in items for g in range(G)])
+    with sampler.timed("rewards"):
+        correct = task.score(texts, [it for it in items for _ in range(G)])
+    rewards = [reas_reward(c, t, task) for c, t in zip(correct, texts)]
+    shows = [dict(question=it["question"], plan=it.get("plan"), solution=texts[i * G], gold=it["answer"],
+                  reward=rewards[i * G]) for i, it in enumerate(items)]
+    return dict(prompt_ids=[p for p in prompts for _ in range(G)], completions=completions, rewards=rewards,
+                correct=correct, shows=shows, group_size=G)
+
+
+def rollout_meta(items, agent, agents, sampler, task, args, step, K) -> dict:
+    """MTA step: the MTA samples G plans per question; the frozen RA writes K solutions under each; reward R_h."""
+    G = args.num_generations
+    prompts = [task.meta_prompt(it) for it in items]
+    completions, plans = sampler(agent, [p for p in prompts for _ in range(G)], args.temperature, "rollout meta_thinking",
+                                 [("rollout", step, it["uid"], g) for it in items for g in range(G)])
+    planned = [it for it in items for _ in range(G)]  # the item of each plan
+    _, solutions = sampler(agents["reasoning"], [task.reas_prompt(it, m) for it, m in zip(planned, plans) for _ in range(K)],
+                           args.temperature, "rollout reasoning (frozen)",
+                           [("solution", step, it["uid"], g, k) for it in items for g in range(G) for k in range(K)])
+    with sampler.timed("rewards"):
+        correct = task.score(solutions, [it for it in planned for _ in range(K)])
+    rewards = [meta_reward(plans[i], solutions[i * K:(i + 1) * K], correct[i * K:(i + 1) * K], args.meta_reward, task,
+                           args) for i in range(len(plans))]
+    shows = [dict(question=it["question"], plan=plans[i * G], solution=solutions[i * G * K], gold=it["answer"],
+                  reward=rewards[i * G]) for i, it in enumerate(items)]
+    return dict(prompt_ids=[p for p in prompts for _ in range(G)], completions=completions, rewards=rewards,
+                correct=correct, shows=shows, group_size=G)
+
+
 # ---- REWARDS (App. C.2, App. E.1) ---------------------------------------------------------------------------------
 def reas_reward(correct: float, solution: str, task=TASKS["math"]()) -> float:
     """R_l: +1 correct, -0.5 wrong but in the answer format, -1 not in the format (no \\boxed answer; no verdict)."""
@@ -167,12 +234,15 @@ def reas_reward(correct: float, solution: str, task=TASKS["math"]()) -> float:
     return -0.5 if task.in_format(solution) else -1.0
 
 
-def accuracy_score(solutions: list[str], correct: list[float], task) -> float:
+# A meta score sees everything a plan-level reward could need: the RA's solutions under the plan, their correctness,
+# the task, the plan itself and the run's options. R_h and the D_h prompt filter both call META_SCORES[--meta_reward],
+# so a fork that changes the score moves both.
+def accuracy_score(solutions: list[str], correct: list[float], task, plan: str = "", args=None) -> float:
     """The paper's R_h before the leak penalty: the mean correctness of the RA's answers under the plan."""
     return sum(correct) / len(correct)
 
 
-def consistency_score(solutions: list[str], correct: list[float], task) -> float:
+def consistency_score(solutions: list[str], correct: list[float], task, plan: str = "", args=None) -> float:
     """App. E.1: the share of the most common answer; 0 if most solutions give no answer."""
     answers = [task.answer(s) for s in solutions]
     given = [a.replace(" ", "") for a in answers if a]
@@ -182,10 +252,65 @@ def consistency_score(solutions: list[str], correct: list[float], task) -> float
 META_SCORES = {"accuracy": accuracy_score, "consistency": consistency_score}  # --meta_reward picks one
 
 
-def meta_reward(plan: str, solutions: list[str], correct: list[float], kind: str, task=TASKS["math"]()) -> float:
+def meta_reward(plan: str, solutions: list[str], correct: list[float], kind: str, task=TASKS["math"](),
+                args=None) -> float:
     """R_h for one plan from the K RA solutions written under it; -1 if the plan itself states the answer (a boxed
     answer; for the judge, a verdict [[A]] / [[B]])."""
-    return META_SCORES[kind](solutions, correct, task) - (1.0 if task.leaks(plan) else 0.0)
+    return META_SCORES[kind](solutions, correct, task, plan, args) - (1.0 if task.leaks(plan) else 0.0)
+
+
+# ---- PROMPT FILTERING (App. D.1): D_l and D_h, scored with the rewards above -----------------------------------------
+def filter_by_success(questions: list[dict], correct: list[float], num_samples: int, eps_min: float, eps_max: float):
+    """succ(x) = share of correct answers among the num_samples answers to x (consecutive in `correct`);
+    keep x if eps_min <= succ(x) <= eps_max (bounds inclusive). Returns (kept questions, succ of every question)."""
+    assert len(correct) == len(questions) * num_samples
+    succ = [sum(correct[i * num_samples:(i + 1) * num_samples]) / num_samples for i in range(len(questions))]
+    return [q for q, s in zip(questions, succ) if eps_min <= s <= eps_max], succ
+
+
+def build_dataset(agent_name, phase, train_set, agents, sampler, task, args, accelerator) -> tuple[list[dict], dict]:
+    """D_l (RA: kept questions, each with plans_per_question plans) or D_h (MTA: kept questions). Every process scores
+    a slice of the candidates; the kept items are gathered so that every process holds the same dataset. D_h scores
+    the RA's greedy answer under each of S plans with the MTA's own score (META_SCORES[--meta_reward])."""
+    f, rank, world, T = args.prompt_filter, accelerator.process_index, accelerator.num_processes, args.temperature
+    S, pool = f.num_samples, list(range(len(train_set)))
+    random.Random(args.run.seed * 100_003 + phase).shuffle(pool)
+    pool = pool[: f.pool_size] if f.pool_size is not None else pool
+    mine, n_real = shard([train_set[i] | {"index": i} for i in pool], rank, world)
+    mine = [q | {"padding": j >= n_real} for j, q in enumerate(mine)]  # padding rows are scored, then dropped
+    kept, succ_all, keys = mine, [], [("filter", phase, q["index"], s) for q in mine for s in range(S)]
+    if args.filter:
+        repeated = [q for q in mine for _ in range(S)]  # S answers per question estimate succ(x)
+        if agent_name == "meta_thinking":  # D_h: S plans at T, one greedy RA solution under each
+            _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in repeated], T, "filter D_h: plans", keys)
+            _, answers = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(repeated, plans)], 0.0,
+                                 "filter D_h: solutions")
+        elif args.mode == "rema":  # D_l: one greedy plan, S RA solutions at T under it
+            _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in mine], 0.0, "filter D_l: greedy plans")
+            _, answers = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(mine, plans) for _ in range(S)],
+                                 T, "filter D_l: solutions", keys)
+        else:  # VRP / MRP baselines: S samples of the single agent at T
+            _, answers = sampler(agents["policy"], [task.single_prompt(q, args.mode) for q in repeated], T, "filter: samples", keys)
+        with sampler.timed("rewards"):
+            correct = task.score(answers, repeated)
+        if agent_name == "meta_thinking":  # the plan's own score, as R_h gives it (without the leak penalty)
+            correct = [META_SCORES[args.meta_reward]([a], [c], task, m, args) for a, c, m in zip(answers, correct, plans)]
+        kept, succ_all = filter_by_success(mine, correct, S, f.eps_min, f.eps_max)
+    if agent_name == "reasoning" and args.mode == "rema":
+        # each kept question gets plans_per_question plans sampled at T: the (x, m) inputs of D_l
+        with_plans = [q for q in kept for _ in range(f.plans_per_question)]
+        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in with_plans], T, "D_l: plans",
+                           [("plan", phase, q["index"], j) for q in kept for j in range(f.plans_per_question)])
+        kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
+    kept = [q for q in kept if not q.pop("padding")]
+    kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
+    succ_all = sum(gather_object([succ_all[:n_real]]), [])
+    stats = {"filter/candidates": len(pool), "filter/kept": len({q["index"] for q in kept}), "filter/items": len(kept)}
+    if succ_all:
+        stats |= {"filter/mean_succ": sum(succ_all) / len(succ_all),
+                  "filter/frac_all_correct": sum(s == 1.0 for s in succ_all) / len(succ_all),
+                  "filter/frac_all_wrong": sum(s == 0.0 for s in succ_all) / len(succ_all)}
+    return kept, stats
 
 
 # ---- ADVANTAGES: each estimator maps the rollout's rewards (N,) to one advantage per token (N, C) -------------------
@@ -237,13 +362,26 @@ ESTIMATORS = {  # --advantage_estimator picks one
 
 
 # ---- POLICY LOSS: PPO clipped surrogate, importance-weighted against the sampler -------------------------------------
-def policy_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp=None, beta=0.0, is_weight=None):
-    """Per-token loss l_t = -w_t min(rho_t A_t, clip(rho_t, 1-eps_low, 1+eps_high) A_t) (+ beta * k3 KL), rho_t =
-    pi/pi_old, w_t the importance weight against the sampler (1 without). All (N, C); returns the per-token loss and
-    per-token indicators for the metrics."""
+def ppo_clip_loss(ratio, adv, eps_low, eps_high, dual_clip):
+    """l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0 (dual clip c; None: off).
+    Elementwise; returns the loss and where the low clip, the high clip and the dual clip were active."""
+    loss = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps_low, 1 + eps_high))
+    is_dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        is_dual = (adv < 0) & (loss > -adv * dual_clip)
+        loss = torch.where(adv < 0, torch.min(loss, -adv * dual_clip), loss)
+    is_low = (ratio < 1 - eps_low) & (adv < 0)
+    is_high = (ratio > 1 + eps_high) & (adv > 0)
+    return loss, is_low, is_high, is_dual
+
+
+def policy_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp=None, beta=0.0, is_weight=None,
+                      dual_clip=None):
+    """Per-token loss l_t = w_t ppo_clip_loss(rho_t, A_t) (+ beta * k3 KL), rho_t = pi/pi_old, w_t the importance
+    weight against the sampler (1 without). All (N, C); returns the per-token loss and per-token indicators for the
+    metrics."""
     ratio = torch.exp(logp - old_logp)  # (N, C)
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    loss = -torch.min(ratio * advantages, clipped * advantages)  # (N, C)
+    loss, is_low, is_high, is_dual = ppo_clip_loss(ratio, advantages, eps_low, eps_high, dual_clip)  # (N, C)
     if is_weight is not None:
         loss = loss * is_weight
     kl = None
@@ -251,8 +389,6 @@ def policy_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, ref_l
         log_ref_ratio = ref_logp - logp
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3 estimator of KL(pi || pi_ref), (N, C)
         loss = loss + beta * kl
-    is_low = (ratio < 1 - eps_low) & (advantages < 0)  # clipped from below: the update is capped
-    is_high = (ratio > 1 + eps_high) & (advantages > 0)
     return loss * mask, is_low.float() * mask, is_high.float() * mask, kl
 
 
@@ -275,8 +411,8 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
     m = micro["completion_mask"]
     old_logp = micro["old_logp"] if "old_logp" in micro else logp.detach()
     token_loss, low, high, _ = policy_loss_terms(logp, old_logp, micro["advantages"], m, args.epsilon, d.eps_high,
-                                                 micro.get("ref_logp") if d.kl_in_loss else None, d.kl_in_loss,
-                                                 micro.get("is_weight"))
+                                                 micro.get("ref_logp") if d.loss_beta > 0 else None, d.loss_beta,
+                                                 micro.get("is_weight"), args.dual_clip)
     loss = aggregate(token_loss, m, args.loss_type, norm)
     stats = dict(loss=loss.item(), clip_low=low.sum().item(), clip_high=high.sum().item(),
                  entropy=(entropy * m).sum().item(), tokens=m.sum().item())
@@ -284,6 +420,344 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
         log_ratio = (micro["ref_logp"] - logp.detach()) * m
         stats["kl"] = ((torch.exp(log_ratio) - log_ratio - 1) * m).sum().item()
     return loss, stats
+
+
+# ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
+def update_sizes(num_sequences: int, args, world: int) -> tuple[int, int]:
+    """(sequences per optimizer step on each process, optimizer steps per PPO epoch) for an update on num_sequences
+    sequences over all processes: --mini_batch_size per step, or all of them in one step. Called on the batch that
+    is actually trained, so a fork that trains a larger batch gets more steps and a recomputed pi_old, not a silent
+    ratio of 1."""
+    mini_batch = args.mini_batch_size or num_sequences
+    return mini_batch // world, math.ceil(num_sequences / mini_batch)
+
+
+@torch.no_grad()
+def old_and_ref_logprobs(agent, batch: dict, old: bool, reference: bool, args, autocast) -> None:
+    """pi_old (the policy that sampled, recomputed by the trainer; docs/algorithm.md §5) / pi_ref into batch: (N, C)."""
+    mask = batch["completion_mask"]
+    logps = ({"old_logp": torch.zeros_like(mask)} if old else {}) | ({"ref_logp": torch.zeros_like(mask)} if reference else {})
+    for idx in batch["attention_mask"].sum(-1).argsort().split(args.micro_batch_size):
+        micro = select(batch, idx)  # (similar lengths; its padding columns cut off)
+        if old:
+            lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
+            logps["old_logp"][idx, : lp.shape[1]] = lp
+        if reference:
+            if agent.adapter is not None:  # LoRA: the base model with the adapters off
+                with agent.activate().disable_adapter():
+                    lp, _ = completion_logprobs(agent.unwrapped, micro, args.temperature, autocast)
+            else:
+                lp, _ = completion_logprobs(agent.ref_model, micro, args.temperature, autocast)
+            logps["ref_logp"][idx, : lp.shape[1]] = lp
+    batch |= {k: v * mask for k, v in logps.items()}
+
+
+def ppo_update(agent, batch: dict, args, d: Derived, mini_batch: int, accelerator, autocast, guard, step: int) -> dict:
+    """num_iterations PPO epochs over mini-batches of this process's sequences (mini_batch each: update_sizes),
+    gradient accumulation over micro-batches of similar lengths. Returns sums of the loss statistics over the applied
+    optimizer steps."""
+    mask, world = batch["completion_mask"], accelerator.num_processes
+    seq_len = batch["attention_mask"].sum(-1)  # (N,): micro-batches are cut from sequences of similar length
+    sums = defaultdict(float)
+    agent.model.train()
+    for _ in range(args.num_iterations):
+        for mb in torch.randperm(len(mask), device=mask.device).split(mini_batch):
+            norm = torch.tensor(float(loss_normaliser(mask[mb], args.loss_type, agent.max_completion_length)), device=mask.device)
+            norm = accelerator.reduce(norm, reduction="sum") / world  # the global denominator, per process
+            micros = mb[seq_len[mb].argsort()].split(args.micro_batch_size)
+            mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
+            for j, idx in enumerate(micros):
+                micro = select(batch, idx)
+                with grad_sync(accelerator, agent.model, sync=j == len(micros) - 1):
+                    logp, entropy = completion_logprobs(agent.model, micro, args.temperature, autocast, with_entropy=True)
+                    loss, stats = micro_batch_loss(logp, entropy, micro, args, d, norm)
+                    accelerator.backward(loss)
+                for k, v in stats.items():
+                    mb_sums[k] += v
+            grad_norm = clip_grad_norm(accelerator, agent.params, args.optim.max_grad_norm)  # equal on every process
+            if guard.step_ok(grad_norm, step, accelerator.is_main_process):  # a NaN / inf gradient is never applied
+                agent.optimizer.step()
+                for k, v in mb_sums.items():
+                    sums[k] += v
+                sums["grad_norm"] += grad_norm
+                sums["steps"] += 1
+            agent.optimizer.zero_grad(set_to_none=True)
+    return sums
+
+
+def step_metrics(agent, rollout: dict, mask, sums: dict, is_stats: dict, G: int, accelerator) -> dict:
+    """The step's metrics over the global batch (TRL's names, under the agent's prefix)."""
+    rewards, lengths = torch.tensor(rollout["rewards"]), mask.sum(-1)
+    r_group = rewards.view(-1, G)
+    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "entropy", "tokens", "kl", "grad_norm", "steps")}
+    local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
+        "r_sum": rewards.sum(), "r_sq": (rewards**2).sum(), "n": len(rewards), "len_sum": lengths.sum(),
+        "truncated": sum(c.truncated for c in rollout["completions"]), "groups": len(r_group),
+        "zero_std": (r_group.std(-1) < 1e-6).sum() if G > 1 else 0, "correct": sum(rollout["correct"]),
+        "n_correct": len(rollout["correct"])}
+    s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
+    all_lengths = accelerator.gather(lengths)  # (N * world,)
+    tok, n, steps, p = max(s["tokens"], 1.0), s["n"], max(s["steps"], 1.0), PREFIX[agent.name]
+    metrics = {f"{p}/reward": s["r_sum"] / n, f"{p}/reward_std": math.sqrt(max(s["r_sq"] / n - (s["r_sum"] / n) ** 2, 0.0)),
+               f"{p}/frac_reward_zero_std": s["zero_std"] / s["groups"], f"{p}/accuracy": s["correct"] / s["n_correct"],
+               f"{p}/completions/mean_length": s["len_sum"] / n, f"{p}/completions/min_length": all_lengths.min().item(),
+               f"{p}/completions/max_length": all_lengths.max().item(), f"{p}/completions/clipped_ratio": s["truncated"] / n,
+               f"{p}/clip_ratio/low_mean": s["clip_low"] / tok, f"{p}/clip_ratio/high_mean": s["clip_high"] / tok,
+               f"{p}/clip_ratio/region_mean": (s["clip_low"] + s["clip_high"]) / tok, f"{p}/entropy": s["entropy"] / tok,
+               f"{p}/loss": s["loss"] / (accelerator.num_processes * steps),  # mean over the applied optimizer steps
+               f"{p}/grad_norm": s["grad_norm"] / steps,
+               f"{p}/optimizer_steps": s["steps"] / accelerator.num_processes,  # applied, on each process
+               f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"]}
+    if "kl" in sums:
+        metrics[f"{p}/kl"] = s["kl"] / tok
+    if s["is_units"] > 0:
+        metrics |= {"vllm/is_weight_mean": s["is_weight"] / s["is_units"], "vllm/is_capped_frac": s["is_over_cap"] / s["is_units"]}
+    return metrics
+
+
+def learn(agent, rollout: dict, args, d: Derived, sampler, tokenizer, accelerator, autocast, guard, step: int) -> dict:
+    """Train `agent` on its rollout (one sequence and one reward per completion, groups of rollout["group_size"]
+    consecutive samples of one prompt): pi_old (and pi_ref), the advantages, then the PPO update. The update's sizes
+    come from this batch (update_sizes). Returns the step's metrics."""
+    world = accelerator.num_processes
+    batch = collate(rollout["prompt_ids"], [c.ids for c in rollout["completions"]], tokenizer.pad_token_id,
+                    accelerator.device)
+    mask = batch["completion_mask"]  # (N, C)
+    rewards = torch.tensor(rollout["rewards"], dtype=torch.float32, device=accelerator.device)  # (N,)
+
+    # ---- OLD AND REFERENCE LOG-PROBS, and with vLLM the importance weights against its samples ----
+    agent.activate()  # LoRA: this agent's adapter on (the rollout may have left another's on)
+    mini_batch, steps = update_sizes(len(mask) * world, args, world)  # from the batch that is trained
+    with sampler.timed("logprobs"):
+        old_and_ref_logprobs(agent, batch, d.recompute_old or steps * args.num_iterations > 1, args.beta > 0, args,
+                             autocast)
+    sampled = sampler_logprobs(rollout["completions"], mask)  # (N, C) vLLM's log-probs; None with HF
+    metrics, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}
+    if d.is_mode != "none" and sampled is not None:
+        batch["is_weight"], is_stats = importance_weights(batch["old_logp"], sampled, mask, d.is_mode,
+                                                          args.vllm.importance_sampling_cap)
+
+    # ---- ADVANTAGES, one per token: (N, C) ----
+    batch["advantages"] = ESTIMATORS[args.advantage_estimator].fn(
+        rewards, mask, batch.get("old_logp"), batch.get("ref_logp"), rollout["group_size"], args, accelerator)
+
+    # ---- UPDATE: PPO epochs over mini-batches, gradient accumulation over micro-batches ----
+    with sampler.timed("update"):
+        sums = ppo_update(agent, batch, args, d, mini_batch, accelerator, autocast, guard, step)
+    metrics |= step_metrics(agent, rollout, mask, sums, is_stats, rollout["group_size"], accelerator)
+    return metrics | sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
+
+
+# ---- SCHEDULE (Algorithm 1, or the official switch) ------------------------------------------------------------------
+def schedule_phases(agents: list[str], schedule: str, num_update_iterations: int, first_agent: str,
+                    total_steps: int, switch_freq: int) -> list[str]:
+    """The agent trained in each phase. alternate: per round the first agent then the other (Algorithm 1);
+    switch: blocks of switch_freq steps, starting with the meta-thinking agent (official code)."""
+    if schedule == "alternate":
+        order = agents if first_agent == agents[0] or len(agents) == 1 else agents[::-1]
+        return [a for _ in range(num_update_iterations) for a in order]
+    return [agents[b % len(agents)] for b in range(math.ceil(total_steps / switch_freq))]
+
+
+def phase_steps(agent_name: str, questions: int, args: Args, built: bool = False) -> int:
+    """Steps of a phase whose dataset holds `questions` questions (built: `questions` is the dataset's size already,
+    D_l's plans included): each epoch, ceil(items / B) steps."""
+    items = questions * (args.prompt_filter.plans_per_question if not built and agent_name == "reasoning"
+                         and args.mode == "rema" else 1)
+    return math.ceil(items / args.rollout_batch_size) * args.num_train_epochs
+
+
+def epoch_order(dataset_size: int, state: dict, args: Args) -> list[int]:
+    """The order in which this epoch visits the dataset: a permutation of all of it, seeded by the epoch, and under
+    the alternate schedule also by the phase (each phase has a dataset of its own). Under the switch schedule the
+    agents change every switch_freq steps in the middle of an epoch over the one train set: the order must not
+    change with them, or an epoch would see some items twice and miss others."""
+    phase = state["phase"] if args.schedule == "alternate" else 0
+    perm = list(range(dataset_size))
+    random.Random(args.run.seed * 7919 + phase * 101 + state["epoch"]).shuffle(perm)
+    return perm
+
+
+def advance(state: dict, dataset_size: int, args: Args) -> bool:
+    """The switch schedule's position after the step just taken: the next batch of the epoch over the train set,
+    and the next block once switch_freq steps are done (or the run's last); True if that ended a block."""
+    state["batch"] += 1
+    if state["batch"] >= math.ceil(dataset_size / args.rollout_batch_size):
+        state["batch"], state["epoch"] = 0, state["epoch"] + 1
+    done = state["step"] % args.switch_freq == 0 or state["step"] >= args.total_steps
+    state["phase"] += done
+    return done
+
+
+# ---- EVALUATION: greedy pass@1 on the held-out set -----------------------------------------------------------------
+def evaluate(eval_set, agents, sampler, task, args, accelerator) -> dict:
+    mine, n_real = shard(eval_set, accelerator.process_index, accelerator.num_processes)
+    leaks = []
+    if args.mode == "rema":
+        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in mine], 0.0, "eval: plans")
+        leaks = gather_object([float(task.leaks(m)) for m in plans][:n_real])
+        completions, sols = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(mine, plans)], 0.0,
+                                    "eval: solutions")
+    else:
+        completions, sols = sampler(agents["policy"], [task.single_prompt(q, args.mode) for q in mine], 0.0, "eval")
+    with sampler.timed("rewards"):
+        correct = task.score(sols, mine)
+    rows = gather_object([(c, float(task.in_format(s)), len(x.ids)) for c, s, x in zip(correct, sols, completions)][:n_real])
+    out = {"eval/accuracy": sum(r[0] for r in rows) / len(rows), "eval/boxed_ratio": sum(r[1] for r in rows) / len(rows),
+           "eval/mean_length": sum(r[2] for r in rows) / len(rows), "eval/questions": len(rows)}
+    return out | ({"eval/meta_boxed_ratio": sum(leaks) / len(leaks)} if leaks else {})
+
+
+# ---- THE TRAINING LOOP ---------------------------------------------------------------------------------------------
+def main(args: Args) -> None:
+    accelerator = make_accelerator(find_unused_parameters=args.lm.param_mode == "lora")  # the idle adapter gets no grad
+    d = derive(args, accelerator)  # every derived size and choice, decided once
+    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    run_dir = Path(args.run.output_dir) / args.run.exp_name
+    autocast = training_autocast(accelerator.device, args.lm.bf16)
+
+    # ---- data, agents and plumbing ----
+    with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
+        path = resolve_model(args.lm.model)
+    tokenizer = load_tokenizer(path)
+    grader = Grader(args.grading.timeout, args.grading.workers, args.grading.grader) if args.data.task == "math" else None
+    task = TASKS[args.data.task](tokenizer, grader, args.one_shot)
+    train_set, eval_set = task.load(args)
+    names = AGENTS[args.mode]
+    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
+               "policy": args.reas_max_completion_length}
+    agents = build_agents(args, accelerator, path, {n: lengths[n] for n in names}, reference=args.beta > 0)
+    warn_if_scales_mix(args, next(iter(agents.values())).unwrapped, world, "rema_single.py")
+    set_seed(args.run.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
+    preemption = Preemption()  # SIGTERM: stop the step, save the last completed one, exit with status 0
+    sampler = make_sampler(args, accelerator, path, tokenizer, preemption, max_model_len=args.vllm.max_model_len)
+    logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.run.track, wandb_project=args.wandb.project,
+                       wandb_entity=args.wandb.entity, run_name=args.run.exp_name)
+    ckpt = Checkpointer(accelerator, run_dir, agents, tokenizer, args.run.keep_checkpoints, args.run.save_every,
+                        args.run.save_every_minutes)
+    guard = NonFiniteGuard(args.optim.max_skipped_steps, "rema_single.py")  # skips steps with a NaN / inf gradient
+    phases = schedule_phases(names, args.schedule, args.num_update_iterations, args.first_agent, args.total_steps,
+                             args.switch_freq)
+    state = ckpt.resume(args.run.resume, logger) or dict(step=0, phase=0, epoch=0, batch=0, dataset=None, evaluated_at=None)
+    # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
+    plan = {"memory": memory_plan.header(args, "single", path, accelerator)} if world > 1 and main_proc else {}
+    progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc,
+                           header=run_header(args, d, names, phases) | plan)
+    progress.expect(args.total_steps if args.schedule == "switch" else  # each phase: at most its whole pool kept
+                    [phase_steps(n, args.prompt_filter.pool_size or len(train_set), args) for n in phases])
+
+    def due_for_eval():  # at the start, every eval_every steps and at the end, once per step
+        every = args.run.eval_every and state["step"] % args.run.eval_every == 0
+        return state.get("evaluated_at") != state["step"] and (state["step"] == 0 or every)
+
+    checked, phase_ended = None, False  # (step, phase_ended) last checked here; did the last step end a phase?
+
+    def between_steps() -> None:
+        """The last completed step's evaluation and checkpoint, when due (a resumed run never evaluates one twice),
+        once per step; `state` holds the position of the next step, where a resumed run starts."""
+        nonlocal checked
+        if checked == (state["step"], phase_ended):  # (a phase's first step: checked before its filtering)
+            return
+        if due_for_eval():
+            logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
+            state["evaluated_at"] = state["step"]
+        if state["step"] > 0 and ckpt.due(state["step"], phase_ended):
+            ckpt.save(state)
+        checked = (state["step"], phase_ended)
+        preemption.check(accelerator)  # SIGTERM while that ran: stop here
+
+    def train_step(agent, dataset: list[dict], order: list[int], batch: int, phase: int) -> bool:
+        """One step on batch `batch` of `order`: rollout -> rewards -> advantages -> update -> log. False when
+        --max_minutes is up."""
+        idx = order[batch * args.rollout_batch_size:(batch + 1) * args.rollout_batch_size]
+        idx = idx[: len(idx) // world * world]  # every process gets the same number of items
+        if not idx:  # (fewer items left in the epoch than processes)
+            return True
+        items = [dataset[i] | {"uid": i} for i in idx[rank::world]]  # uid: keys the samples' random streams
+        sampler.times.clear()
+        t0 = time.time()
+
+        # ---- ROLLOUT: samples and rewards ----
+        if agent.name == "meta_thinking":
+            rollout = rollout_meta(items, agent, agents, sampler, task, args, state["step"], d.K)
+        else:
+            rollout = rollout_reasoning(items, agent, agents, sampler, task, args, state["step"])
+        t_rollout, memory = time.time() - t0, peak_memory(accelerator, "rollout")  # CUDA: peak GiB so far
+
+        # ---- OLD LOG-PROBS -> ADVANTAGES -> UPDATE of the agent on its rollout ----
+        metrics = learn(agent, rollout, args, d, sampler, tokenizer, accelerator, autocast, guard, state["step"] + 1)
+        state["step"] += 1
+        state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
+
+        # ---- METRICS ----
+        metrics |= memory | peak_memory(accelerator, "update")
+        metrics |= {f"time/{k}": v for k, v in sampler.times.items()} | (state.pop("filter_stats", None) or {})
+        metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
+                    "time/training": progress.training_time(), "train/agent": float(names.index(agent.name)),
+                    "train/phase": float(phase), "train/skipped_steps": float(guard.skipped),
+                    "grader/timeouts": float(grader.num_timeouts if grader else 0)}
+        logger.log(metrics, state["step"])
+        if args.run.transcripts_every and state["step"] % args.run.transcripts_every == 0:
+            shows = gather_object(rollout["shows"][: args.run.num_transcripts])
+            logger.log_transcripts(shows[: args.run.num_transcripts], state["step"])
+        progress.step(state["step"], {k: v for k, v in metrics.items() if k.endswith("/reward")})
+        return not progress.time_is_up(accelerator, args.run.max_minutes)
+
+    def algorithm_1() -> None:
+        """Per round, each agent in turn: its dataset (D_l / D_h, App. D.1), then epochs of batches. A resumed run
+        enters these loops at its saved (phase, epoch, batch)."""
+        nonlocal phase_ended
+        for phase in range(state["phase"], len(phases)):
+            between_steps()  # before this phase's filtering: the checkpoint at the end of the last phase
+            agent = agents[phases[phase]]
+            if state["dataset"] is None:  # ---- PROMPT FILTERING: D_l / D_h for this phase (App. D.1) ----
+                t0 = time.time()
+                dataset, fstats = build_dataset(agent.name, phase, train_set, agents, sampler, task, args, accelerator)
+                state["dataset"], state["filter_stats"] = dataset, fstats | {"time/filter": time.time() - t0}
+                progress.phase(phase, agent.name, fstats, phase_steps(agent.name, len(dataset), args, built=True))
+            dataset = state["dataset"]
+            for epoch in range(state["epoch"], args.num_train_epochs):
+                order = epoch_order(len(dataset), state, args)
+                for batch in range(state["batch"], math.ceil(len(dataset) / args.rollout_batch_size)):
+                    between_steps()
+                    go_on = train_step(agent, dataset, order, batch, phase)
+                    state["batch"], phase_ended = batch + 1, False  # the next step's position
+                    if not go_on:
+                        return
+                state["epoch"], state["batch"] = epoch + 1, 0
+            state["phase"], state["epoch"], state["dataset"], phase_ended = phase + 1, 0, None, True
+
+    def switch_schedule() -> None:
+        """The official code's schedule: blocks of switch_freq steps, the agents in turn, over epochs of the whole
+        (unfiltered) train set that run on across the blocks."""
+        nonlocal phase_ended
+        while state["phase"] < len(phases):
+            between_steps()
+            batch, phase, order = state["batch"], state["phase"], epoch_order(len(train_set), state, args)
+            go_on = train_step(agents[phases[phase]], train_set, order, batch, phase)
+            phase_ended = advance(state, len(train_set), args)  # the next step's position
+            if not go_on:
+                return
+
+    try:
+        algorithm_1() if args.schedule == "alternate" else switch_schedule()
+        if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
+            logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
+            state["evaluated_at"] = state["step"]
+            ckpt.save(state)
+            progress.finish(logger, ckpt)
+        elif main_proc:
+            print(f"{run_dir} had finished at step {state['step']}: nothing left to do")
+    except Preempted:  # SIGTERM: rollout, filtering and evaluation stop at once; the weights are the last step's
+        ckpt.save(state)
+        if main_proc:
+            print(f"SIGTERM: saved the checkpoint of step {state['step']} in {run_dir}; resume with --resume {run_dir}")
+    finally:
+        logger.close()
+        sampler.close()
+        if grader is not None:
+            grader.close()
+        accelerator.end_training()
 
 
 # ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
@@ -294,7 +768,8 @@ RANGES = {
     "total_steps": at_least(1), "rollout_batch_size": at_least(1), "num_generations": at_least(1),
     "reas_samples_per_plan": at_least(1), "temperature": above(0), "meta_max_completion_length": at_least(1),
     "reas_max_completion_length": at_least(1), "beta": at_least(0),  # 0: no KL term, no reference model
-    "epsilon": above(0), "epsilon_high": above(0), "num_iterations": at_least(1), "mini_batch_size": at_least(1),
+    "epsilon": above(0), "epsilon_high": above(0), "dual_clip": above(1), "num_iterations": at_least(1),
+    "mini_batch_size": at_least(1),
     "micro_batch_size": at_least(1),
 }
 
@@ -339,411 +814,16 @@ def validate(args: Args, accelerator) -> None:
          "a multiple of the number of processes")
 
 
-@dataclass(frozen=True)
-class Derived:
-    K: int  # RA samples per plan that R_h averages
-    mini_batch: int  # sequences per optimizer step on this process
-    steps_per_rollout: int  # optimizer steps per rollout and PPO epoch (1: the ratio is always 1, nothing is clipped)
-    recompute_old: bool  # pi_old recomputed by the trainer before the update (the ratio or the KL needs it)
-    kl_in_loss: float  # the loss's k3 KL coefficient (GRPO / RLOO; 0 when the estimator puts the KL in the reward)
-    eps_high: float  # upper clip range
-    is_mode: str  # importance weighting against the sampler: "none" unless generation runs on vLLM
-
-
-def derive(args: Args, accelerator) -> Derived:
-    validate(args, accelerator)
-    estimator, vllm = ESTIMATORS[args.advantage_estimator], args.generation.backend == "vllm"
-    mini_batch = (args.mini_batch_size or args.rollout_batch_size * args.num_generations) // accelerator.num_processes
-    steps = math.ceil(args.rollout_batch_size * args.num_generations / (mini_batch * accelerator.num_processes))
-    kl_in_reward = estimator.kl_in_reward and args.beta > 0
-    return Derived(K=args.reas_samples_per_plan or args.num_generations, mini_batch=mini_batch, steps_per_rollout=steps,
-                   recompute_old=args.num_iterations > 1 or steps > 1 or kl_in_reward or vllm,
-                   kl_in_loss=0.0 if estimator.kl_in_reward else args.beta,
-                   eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
-                   is_mode=args.vllm.importance_sampling_mode if vllm else "none")
-
-
-# ---- ROLLOUT: one function per kind of training step; each returns sequences and one reward per sequence -----------
-def rollout_reasoning(items, agent, agents, sampler, task, args, step) -> dict:
-    """RA step (and VRP / MRP): items hold (question, plan); the agent samples G solutions per item; reward R_l."""
-    G = args.num_generations
-    if args.mode == "rema" and "plan" not in items[0]:  # schedule=switch: the frozen MTA plans on the fly
-        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(it) for it in items], args.temperature,
-                           "rollout meta_thinking (frozen)", [("plan", step, it["uid"]) for it in items])
-        items = [it | {"plan": m} for it, m in zip(items, plans)]
-    prompts = [task.reas_prompt(it, it["plan"]) if args.mode == "rema" else task.single_prompt(it, args.mode) for it in items]
-    completions, texts = sampler(agent, [p for p in prompts for _ in range(G)], args.temperature, f"rollout {agent.name}",
-                                 [("rollout", step, it["uid"], g) for it in items for g in range(G)])
-    with sampler.timed("rewards"):
-        correct = task.score(texts, [it for it in items for _ in range(G)])
-    rewards = [reas_reward(c, t, task) for c, t in zip(correct, texts)]
-    shows = [dict(question=it["question"], plan=it.get("plan"), solution=texts[i * G], gold=it["answer"],
-                  reward=rewards[i * G]) for i, it in enumerate(items)]
-    return dict(prompt_ids=[p for p in prompts for _ in range(G)], completions=completions, rewards=rewards,
-                correct=correct, shows=shows)
-
-
-def rollout_meta(items, agent, agents, sampler, task, args, step, K) -> dict:
-    """MTA step: the MTA samples G plans per question; the frozen RA writes K solutions under each; reward R_h."""
-    G = args.num_generations
-    prompts = [task.meta_prompt(it) for it in items]
-    completions, plans = sampler(agent, [p for p in prompts for _ in range(G)], args.temperature, "rollout meta_thinking",
-                                 [("rollout", step, it["uid"], g) for it in items for g in range(G)])
-    planned = [it for it in items for _ in range(G)]  # the item of each plan
-    _, solutions = sampler(agents["reasoning"], [task.reas_prompt(it, m) for it, m in zip(planned, plans) for _ in range(K)],
-                           args.temperature, "rollout reasoning (frozen)",
-                           [("solution", step, it["uid"], g, k) for it in items for g in range(G) for k in range(K)])
-    with sampler.timed("rewards"):
-        correct = task.score(solutions, [it for it in planned for _ in range(K)])
-    rewards = [meta_reward(plans[i], solutions[i * K:(i + 1) * K], correct[i * K:(i + 1) * K], args.meta_reward, task)
-               for i in range(len(plans))]
-    shows = [dict(question=it["question"], plan=plans[i * G], solution=solutions[i * G * K], gold=it["answer"],
-                  reward=rewards[i * G]) for i, it in enumerate(items)]
-    return dict(prompt_ids=[p for p in prompts for _ in range(G)], completions=completions, rewards=rewards,
-                correct=correct, shows=shows)
-
-
-# ---- PROMPT FILTERING (App. D.1) and the training schedule (Algorithm 1) -------------------------------------------
-def filter_by_success(questions: list[dict], correct: list[float], num_samples: int, eps_min: float, eps_max: float):
-    """succ(x) = share of correct answers among the num_samples answers to x (consecutive in `correct`);
-    keep x if eps_min <= succ(x) <= eps_max (bounds inclusive). Returns (kept questions, succ of every question)."""
-    assert len(correct) == len(questions) * num_samples
-    succ = [sum(correct[i * num_samples:(i + 1) * num_samples]) / num_samples for i in range(len(questions))]
-    return [q for q, s in zip(questions, succ) if eps_min <= s <= eps_max], succ
-
-
-def build_dataset(agent_name, phase, train_set, agents, sampler, task, args, accelerator) -> tuple[list[dict], dict]:
-    """D_l (RA: kept questions, each with plans_per_question plans) or D_h (MTA: kept questions). Every process scores
-    a slice of the candidates; the kept items are gathered so that every process holds the same dataset. D_h scores
-    the RA's greedy answer under each of S plans with the MTA's own score (META_SCORES[--meta_reward])."""
-    f, rank, world, T = args.prompt_filter, accelerator.process_index, accelerator.num_processes, args.temperature
-    S, pool = f.num_samples, list(range(len(train_set)))
-    random.Random(args.run.seed * 100_003 + phase).shuffle(pool)
-    pool = pool[: f.pool_size] if f.pool_size is not None else pool
-    mine, n_real = shard([train_set[i] | {"index": i} for i in pool], rank, world)
-    mine = [q | {"padding": j >= n_real} for j, q in enumerate(mine)]  # padding rows are scored, then dropped
-    kept, succ_all, keys = mine, [], [("filter", phase, q["index"], s) for q in mine for s in range(S)]
-    if args.filter:
-        repeated = [q for q in mine for _ in range(S)]  # S answers per question estimate succ(x)
-        if agent_name == "meta_thinking":  # D_h: S plans at T, one greedy RA solution under each
-            _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in repeated], T, "filter D_h: plans", keys)
-            _, answers = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(repeated, plans)], 0.0,
-                                 "filter D_h: solutions")
-        elif args.mode == "rema":  # D_l: one greedy plan, S RA solutions at T under it
-            _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in mine], 0.0, "filter D_l: greedy plans")
-            _, answers = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(mine, plans) for _ in range(S)],
-                                 T, "filter D_l: solutions", keys)
-        else:  # VRP / MRP baselines: S samples of the single agent at T
-            _, answers = sampler(agents["policy"], [task.single_prompt(q, args.mode) for q in repeated], T, "filter: samples", keys)
-        with sampler.timed("rewards"):
-            correct = task.score(answers, repeated)
-        if agent_name == "meta_thinking":
-            correct = [META_SCORES[args.meta_reward]([a], [c], task) for a, c in zip(answers, correct)]
-        kept, succ_all = filter_by_success(mine, correct, S, f.eps_min, f.eps_max)
-    if agent_name == "reasoning" and args.mode == "rema":
-        # each kept question gets plans_per_question plans sampled at T: the (x, m) inputs of D_l
-        with_plans = [q for q in kept for _ in range(f.plans_per_question)]
-        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in with_plans], T, "D_l: plans",
-                           [("plan", phase, q["index"], j) for q in kept for j in range(f.plans_per_question)])
-        kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
-    kept = [q for q in kept if not q.pop("padding")]
-    kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
-    succ_all = sum(gather_object([succ_all[:n_real]]), [])
-    stats = {"filter/candidates": len(pool), "filter/kept": len({q["index"] for q in kept}), "filter/items": len(kept)}
-    if succ_all:
-        stats |= {"filter/mean_succ": sum(succ_all) / len(succ_all),
-                  "filter/frac_all_correct": sum(s == 1.0 for s in succ_all) / len(succ_all),
-                  "filter/frac_all_wrong": sum(s == 0.0 for s in succ_all) / len(succ_all)}
-    return kept, stats
-
-
-def schedule_phases(agents: list[str], schedule: str, num_update_iterations: int, first_agent: str,
-                    total_steps: int, switch_freq: int) -> list[str]:
-    """The agent trained in each phase. alternate: per round the first agent then the other (Algorithm 1);
-    switch: blocks of switch_freq steps, starting with the meta-thinking agent (official code)."""
-    if schedule == "alternate":
-        order = agents if first_agent == agents[0] or len(agents) == 1 else agents[::-1]
-        return [a for _ in range(num_update_iterations) for a in order]
-    return [agents[b % len(agents)] for b in range(math.ceil(total_steps / switch_freq))]
-
-
-def phase_steps(agent_name: str, questions: int, args: Args, built: bool = False) -> int:
-    """Steps of a phase whose dataset holds `questions` questions (built: `questions` is the dataset's size already,
-    D_l's plans included): each epoch, ceil(items / B) steps."""
-    items = questions * (args.prompt_filter.plans_per_question if not built and agent_name == "reasoning"
-                         and args.mode == "rema" else 1)
-    return math.ceil(items / args.rollout_batch_size) * args.num_train_epochs
-
-
-def epoch_order(dataset_size: int, state: dict, args: Args) -> list[int]:
-    """The order in which this epoch visits the dataset: a permutation of all of it, seeded by the epoch, and under
-    the alternate schedule also by the phase (each phase has a dataset of its own). Under the switch schedule the
-    agents change every switch_freq steps in the middle of an epoch over the one train set: the order must not
-    change with them, or an epoch would see some items twice and miss others."""
-    phase = state["phase"] if args.schedule == "alternate" else 0
-    perm = list(range(dataset_size))
-    random.Random(args.run.seed * 7919 + phase * 101 + state["epoch"]).shuffle(perm)
-    return perm
-
-
-def advance(state: dict, dataset_size: int, args: Args) -> bool:
-    """Move the schedule's cursor (batch, epoch, phase) past the step just taken; True if that ended the phase."""
-    state["batch"] += 1
-    if state["batch"] >= math.ceil(dataset_size / args.rollout_batch_size):
-        state["batch"], state["epoch"] = 0, state["epoch"] + 1
-    if args.schedule == "switch":
-        done = state["step"] % args.switch_freq == 0 or state["step"] >= args.total_steps
-    else:
-        done = state["batch"] == 0 and state["epoch"] >= args.num_train_epochs
-    if done:
-        state["phase"] += 1
-        if args.schedule == "alternate":
-            state["epoch"], state["dataset"] = 0, None
-    return done
-
-
-# ---- EVALUATION: greedy pass@1 on the held-out set -----------------------------------------------------------------
-def evaluate(eval_set, agents, sampler, task, args, accelerator) -> dict:
-    mine, n_real = shard(eval_set, accelerator.process_index, accelerator.num_processes)
-    leaks = []
-    if args.mode == "rema":
-        _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in mine], 0.0, "eval: plans")
-        leaks = gather_object([float(task.leaks(m)) for m in plans][:n_real])
-        completions, sols = sampler(agents["reasoning"], [task.reas_prompt(q, m) for q, m in zip(mine, plans)], 0.0,
-                                    "eval: solutions")
-    else:
-        completions, sols = sampler(agents["policy"], [task.single_prompt(q, args.mode) for q in mine], 0.0, "eval")
-    with sampler.timed("rewards"):
-        correct = task.score(sols, mine)
-    rows = gather_object([(c, float(task.in_format(s)), len(x.ids)) for c, s, x in zip(correct, sols, completions)][:n_real])
-    out = {"eval/accuracy": sum(r[0] for r in rows) / len(rows), "eval/boxed_ratio": sum(r[1] for r in rows) / len(rows),
-           "eval/mean_length": sum(r[2] for r in rows) / len(rows), "eval/questions": len(rows)}
-    return out | ({"eval/meta_boxed_ratio": sum(leaks) / len(leaks)} if leaks else {})
-
-
-# ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
-@torch.no_grad()
-def old_and_ref_logprobs(agent, batch: dict, old: bool, reference: bool, args, autocast) -> None:
-    """pi_old (the policy that sampled, recomputed by the trainer; docs/algorithm.md §5) / pi_ref into batch: (N, C)."""
-    mask = batch["completion_mask"]
-    logps = ({"old_logp": torch.zeros_like(mask)} if old else {}) | ({"ref_logp": torch.zeros_like(mask)} if reference else {})
-    for idx in batch["attention_mask"].sum(-1).argsort().split(args.micro_batch_size):
-        micro = select(batch, idx)  # (similar lengths; its padding columns cut off)
-        if old:
-            lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
-            logps["old_logp"][idx, : lp.shape[1]] = lp
-        if reference:
-            if agent.adapter is not None:  # LoRA: the base model with the adapters off
-                with agent.activate().disable_adapter():
-                    lp, _ = completion_logprobs(agent.unwrapped, micro, args.temperature, autocast)
-            else:
-                lp, _ = completion_logprobs(agent.ref_model, micro, args.temperature, autocast)
-            logps["ref_logp"][idx, : lp.shape[1]] = lp
-    batch |= {k: v * mask for k, v in logps.items()}
-
-
-def ppo_update(agent, batch: dict, args, d: Derived, accelerator, autocast, guard, step: int) -> dict:
-    """num_iterations PPO epochs over mini-batches of this process's sequences, gradient accumulation over micro-
-    batches of similar lengths. Returns sums of the loss statistics over the applied optimizer steps."""
-    mask, world = batch["completion_mask"], accelerator.num_processes
-    seq_len = batch["attention_mask"].sum(-1)  # (N,): micro-batches are cut from sequences of similar length
-    sums = defaultdict(float)
-    agent.model.train()
-    for _ in range(args.num_iterations):
-        for mb in torch.randperm(len(mask), device=mask.device).split(d.mini_batch):
-            norm = torch.tensor(float(loss_normaliser(mask[mb], args.loss_type, agent.max_completion_length)), device=mask.device)
-            norm = accelerator.reduce(norm, reduction="sum") / world  # the global denominator, per process
-            micros = mb[seq_len[mb].argsort()].split(args.micro_batch_size)
-            mb_sums = defaultdict(float)  # this mini-batch's loss and statistics, kept if its step is applied
-            for j, idx in enumerate(micros):
-                micro = select(batch, idx)
-                with grad_sync(accelerator, agent.model, sync=j == len(micros) - 1):
-                    logp, entropy = completion_logprobs(agent.model, micro, args.temperature, autocast, with_entropy=True)
-                    loss, stats = micro_batch_loss(logp, entropy, micro, args, d, norm)
-                    accelerator.backward(loss)
-                for k, v in stats.items():
-                    mb_sums[k] += v
-            grad_norm = clip_grad_norm(accelerator, agent.params, args.optim.max_grad_norm)  # equal on every process
-            if guard.step_ok(grad_norm, step, accelerator.is_main_process):  # a NaN / inf gradient is never applied
-                agent.optimizer.step()
-                for k, v in mb_sums.items():
-                    sums[k] += v
-                sums["grad_norm"] += grad_norm
-                sums["steps"] += 1
-            agent.optimizer.zero_grad(set_to_none=True)
-    return sums
-
-
-def step_metrics(agent, rollout: dict, mask, sums: dict, is_stats: dict, G: int, accelerator) -> dict:
-    """The step's metrics over the global batch (TRL's names, under the agent's prefix)."""
-    rewards, lengths = torch.tensor(rollout["rewards"]), mask.sum(-1)
-    r_group = rewards.view(-1, G)
-    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "entropy", "tokens", "kl", "grad_norm", "steps")}
-    local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
-        "r_sum": rewards.sum(), "r_sq": (rewards**2).sum(), "n": len(rewards), "len_sum": lengths.sum(),
-        "truncated": sum(c.truncated for c in rollout["completions"]), "groups": len(r_group),
-        "zero_std": (r_group.std(-1) < 1e-6).sum() if G > 1 else 0, "correct": sum(rollout["correct"]),
-        "n_correct": len(rollout["correct"])}
-    s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
-    all_lengths = accelerator.gather(lengths)  # (N * world,)
-    tok, n, steps, p = max(s["tokens"], 1.0), s["n"], max(s["steps"], 1.0), PREFIX[agent.name]
-    metrics = {f"{p}/reward": s["r_sum"] / n, f"{p}/reward_std": math.sqrt(max(s["r_sq"] / n - (s["r_sum"] / n) ** 2, 0.0)),
-               f"{p}/frac_reward_zero_std": s["zero_std"] / s["groups"], f"{p}/accuracy": s["correct"] / s["n_correct"],
-               f"{p}/completions/mean_length": s["len_sum"] / n, f"{p}/completions/min_length": all_lengths.min().item(),
-               f"{p}/completions/max_length": all_lengths.max().item(), f"{p}/completions/clipped_ratio": s["truncated"] / n,
-               f"{p}/clip_ratio/low_mean": s["clip_low"] / tok, f"{p}/clip_ratio/high_mean": s["clip_high"] / tok,
-               f"{p}/clip_ratio/region_mean": (s["clip_low"] + s["clip_high"]) / tok, f"{p}/entropy": s["entropy"] / tok,
-               f"{p}/loss": s["loss"] / (accelerator.num_processes * steps),  # mean over the applied optimizer steps
-               f"{p}/grad_norm": s["grad_norm"] / steps, f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"]}
-    if "kl" in sums:
-        metrics[f"{p}/kl"] = s["kl"] / tok
-    if s["is_units"] > 0:
-        metrics |= {"vllm/is_weight_mean": s["is_weight"] / s["is_units"], "vllm/is_capped_frac": s["is_over_cap"] / s["is_units"]}
-    return metrics
-
-
-# ---- THE TRAINING LOOP ---------------------------------------------------------------------------------------------
-def main(args: Args) -> None:
-    accelerator = make_accelerator(find_unused_parameters=args.lm.param_mode == "lora")  # the idle adapter gets no grad
-    d = derive(args, accelerator)  # every derived size and choice, decided once
-    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run_dir = Path(args.run.output_dir) / args.run.exp_name
-    autocast = training_autocast(accelerator.device, args.lm.bf16)
-
-    # ---- data, agents and plumbing ----
-    with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
-        path = resolve_model(args.lm.model)
-    tokenizer = load_tokenizer(path)
-    grader = Grader(args.grading.timeout, args.grading.workers, args.grading.grader) if args.data.task == "math" else None
-    task = TASKS[args.data.task](tokenizer, grader, args.one_shot)
-    train_set, eval_set = task.load(args)
-    names = AGENTS[args.mode]
-    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
-               "policy": args.reas_max_completion_length}
-    agents = build_agents(args, accelerator, path, {n: lengths[n] for n in names}, reference=args.beta > 0)
-    warn_if_scales_mix(args, next(iter(agents.values())).unwrapped, world, "rema_single.py")
-    set_seed(args.run.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
-    preemption = Preemption()  # SIGTERM: stop the step, save the last completed one, exit with status 0
-    sampler = make_sampler(args, accelerator, path, tokenizer, preemption, max_model_len=args.vllm.max_model_len)
-    logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.run.track, wandb_project=args.wandb.project,
-                       wandb_entity=args.wandb.entity, run_name=args.run.exp_name)
-    ckpt = Checkpointer(accelerator, run_dir, agents, tokenizer, args.run.keep_checkpoints, args.run.save_every,
-                        args.run.save_every_minutes)
-    guard = NonFiniteGuard(args.optim.max_skipped_steps, "rema_single.py")  # skips steps with a NaN / inf gradient
-    phases = schedule_phases(names, args.schedule, args.num_update_iterations, args.first_agent, args.total_steps,
-                             args.switch_freq)
-    state = ckpt.resume(args.run.resume, logger) or dict(step=0, phase=0, epoch=0, batch=0, dataset=None, evaluated_at=None)
-    # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
-    plan = {"memory": memory_plan.header(args, "single", path, accelerator)} if world > 1 and main_proc else {}
-    progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
-        "run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
-        "schedule": f"{args.schedule}: {' -> '.join(phases[:len(names)])} ({len(phases)} phases"
-                    + (f", {args.total_steps} steps)" if args.schedule == "switch" else ")"),
-        "update": f"{args.advantage_estimator}, {d.steps_per_rollout * args.num_iterations} optimizer step(s) per rollout"
-                  + (" (the PPO ratio stays 1)" if d.steps_per_rollout * args.num_iterations == 1 else "")} | plan)
-    progress.expect(args.total_steps if args.schedule == "switch" else  # each phase: at most its whole pool kept
-                    [phase_steps(n, args.prompt_filter.pool_size or len(train_set), args) for n in phases])
-
-    def due_for_eval():  # at the start, every eval_every steps and at the end, once per step
-        every = args.run.eval_every and state["step"] % args.run.eval_every == 0
-        return state.get("evaluated_at") != state["step"] and (state["step"] == 0 or every)
-
-    phase_ended = False
-    try:
-        while state["phase"] < len(phases):
-            # ---- EVALUATION and CHECKPOINT of the last completed step (a resumed run never evaluates one twice) ----
-            if due_for_eval():
-                logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
-                state["evaluated_at"] = state["step"]
-            if state["step"] > 0 and ckpt.due(state["step"], phase_ended):
-                ckpt.save(state)
-            preemption.check(accelerator)  # SIGTERM while that ran: stop here
-            agent = agents[phases[state["phase"]]]
-
-            # ---- PROMPT FILTERING: D_l / D_h for this phase (App. D.1) ----
-            if args.schedule == "alternate" and state["dataset"] is None:
-                t0 = time.time()
-                dataset, fstats = build_dataset(agent.name, state["phase"], train_set, agents, sampler, task, args, accelerator)
-                state["dataset"], state["filter_stats"] = dataset, fstats | {"time/filter": time.time() - t0}
-                progress.phase(state["phase"], agent.name, fstats,
-                               phase_steps(agent.name, len(dataset), args, built=True))
-            dataset = state["dataset"] if args.schedule == "alternate" else train_set  # switch: the whole train set
-            perm = epoch_order(len(dataset), state, args)
-            idx = perm[state["batch"] * args.rollout_batch_size:(state["batch"] + 1) * args.rollout_batch_size]
-            idx = idx[: len(idx) // world * world]  # every process gets the same number of items
-            if not idx:  # (fewer items left in the epoch than processes)
-                phase_ended = advance(state, len(dataset), args)
-                continue
-            items = [dataset[i] | {"uid": i} for i in idx[rank::world]]  # uid: keys the samples' random streams
-            sampler.times.clear()
-            t0 = time.time()
-
-            # ---- ROLLOUT: samples and rewards ----
-            if agent.name == "meta_thinking":
-                rollout = rollout_meta(items, agent, agents, sampler, task, args, state["step"], d.K)
-            else:
-                rollout = rollout_reasoning(items, agent, agents, sampler, task, args, state["step"])
-            t_rollout, memory = time.time() - t0, peak_memory(accelerator, "rollout")  # CUDA: peak GiB so far
-            batch = collate(rollout["prompt_ids"], [c.ids for c in rollout["completions"]], tokenizer.pad_token_id,
-                            accelerator.device)
-            mask = batch["completion_mask"]  # (N, C)
-            rewards = torch.tensor(rollout["rewards"], dtype=torch.float32, device=accelerator.device)  # (N,)
-
-            # ---- OLD AND REFERENCE LOG-PROBS, and with vLLM the importance weights against its samples ----
-            agent.activate()  # LoRA: this agent's adapter on (the rollout may have left another's on)
-            with sampler.timed("logprobs"):
-                old_and_ref_logprobs(agent, batch, d.recompute_old, args.beta > 0, args, autocast)
-            sampled = sampler_logprobs(rollout["completions"], mask)  # (N, C) vLLM's log-probs; None with HF
-            metrics, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}
-            if d.is_mode != "none" and sampled is not None:
-                batch["is_weight"], is_stats = importance_weights(batch["old_logp"], sampled, mask, d.is_mode,
-                                                                  args.vllm.importance_sampling_cap)
-
-            # ---- ADVANTAGES, one per token: (N, C) ----
-            batch["advantages"] = ESTIMATORS[args.advantage_estimator].fn(
-                rewards, mask, batch.get("old_logp"), batch.get("ref_logp"), args.num_generations, args, accelerator)
-
-            # ---- UPDATE: PPO epochs over mini-batches, gradient accumulation over micro-batches ----
-            with sampler.timed("update"):
-                sums = ppo_update(agent, batch, args, d, accelerator, autocast, guard, state["step"] + 1)
-            state["step"] += 1
-            state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
-            phase_ended = advance(state, len(dataset), args)
-
-            # ---- METRICS ----
-            metrics |= step_metrics(agent, rollout, mask, sums, is_stats, args.num_generations, accelerator)
-            metrics |= sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
-            metrics |= memory | peak_memory(accelerator, "update")
-            metrics |= {f"time/{k}": v for k, v in sampler.times.items()} | (state.pop("filter_stats", None) or {})
-            metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
-                        "time/training": progress.training_time(),
-                        "train/agent": float(names.index(agent.name)), "train/phase": float(state["phase"] - phase_ended),
-                        "train/skipped_steps": float(guard.skipped), "grader/timeouts": float(grader.num_timeouts if grader else 0)}
-            logger.log(metrics, state["step"])
-            if args.run.transcripts_every and state["step"] % args.run.transcripts_every == 0:
-                shows = gather_object(rollout["shows"][: args.run.num_transcripts])
-                logger.log_transcripts(shows[: args.run.num_transcripts], state["step"])
-            progress.step(state["step"], {k: v for k, v in metrics.items() if k.endswith("/reward")})
-            if progress.time_is_up(accelerator, args.run.max_minutes):
-                break
-        if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
-            logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
-            state["evaluated_at"] = state["step"]
-            ckpt.save(state)
-            progress.finish(logger, ckpt)
-        elif main_proc:
-            print(f"{run_dir} had finished at step {state['step']}: nothing left to do")
-    except Preempted:  # SIGTERM: rollout, filtering and evaluation stop at once; the weights are the last step's
-        ckpt.save(state)
-        if main_proc:
-            print(f"SIGTERM: saved the checkpoint of step {state['step']} in {run_dir}; resume with --resume {run_dir}")
-    finally:
-        logger.close()
-        sampler.close()
-        if grader is not None:
-            grader.close()
-        accelerator.end_training()
-
+def run_header(args: Args, d: Derived, names: list[str], phases: list[str]) -> dict:
+    """What the run prints first: the run, its schedule and its update."""
+    steps = d.steps_per_rollout * args.num_iterations
+    return {"run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
+            "schedule": f"{args.schedule}: {' -> '.join(phases[:len(names)])} ({len(phases)} phases"
+                        + (f", {args.total_steps} steps)" if args.schedule == "switch" else ")"),
+            "update": f"{args.advantage_estimator}, {steps} optimizer step(s) per rollout"
+                      + (" (the PPO ratio stays 1)" if steps == 1 else "")
+                      + f" of {args.rollout_batch_size * args.num_generations} sequences; each step logs its own count"
+                        " (<agent>/optimizer_steps)"}
 
 if __name__ == "__main__":
     try:

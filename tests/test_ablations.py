@@ -1,8 +1,10 @@
 """The forks of docs/ablations.md: each diff is cut out of the page with the page's own command, applied with
-`git apply` to a copy of the repository, its changed function checked directly (forks 1 and 2 against
-hand-computed numbers), and the patched script trained end to end with the tiny model (one step per agent). A diff
+`git apply` to a copy of the repository, its changed function checked directly (forks 1, 2, 4 and 5 against
+hand-computed numbers, fork 4's prompt filter with a fake sampler), and the patched script trained end to end with
+the tiny model (fork 6: with the optimizer steps each agent takes). A diff
 that no longer applies, a fork that crashes, or a run that does not use the fork's option fails here."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -16,7 +18,10 @@ from types import SimpleNamespace
 import torch
 
 from tests.test_e2e import TINY, assert_finite_training_metrics, changed_tensors, metrics
+from tests.test_multiturn_e2e import TINY as MULTITURN_TINY
+from tests.test_multiturn_e2e import copy_task  # noqa: F401 (a fixture: the tiny model taught the multi-turn format)
 from utils.checkpoint import find_checkpoint
+from utils.config import FilterArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "ablations.md"
@@ -27,9 +32,9 @@ QUICK = ["--prompt_filter.pool_size", "4", "--num_train_epochs", "1", "--eval_li
          "--no-gradient_checkpointing"]
 
 
-def test_page_holds_three_diffs_and_the_command_tested_here():
+def test_page_holds_six_diffs_and_the_command_tested_here():
     text = DOC.read_text()
-    assert len(re.findall(r"^```diff$", text, flags=re.M)) == 3
+    assert len(re.findall(r"^```diff$", text, flags=re.M)) == 6
     assert EXTRACT in text  # the command the page tells readers to run is the one these tests run
 
 
@@ -124,3 +129,82 @@ def test_fork3_plan_in_system_prompt(tmp_path, tiny_model):
 
     run_dir, _ = train(repo, tiny_model, tmp_path / "runs")
     assert changed_tensors(tiny_model, find_checkpoint(run_dir) / "reasoning") > 0
+
+
+def word_tokenizer(texts, add_special_tokens):  # a tokenizer whose tokens are words
+    return {"input_ids": [t.split() for t in texts]}
+
+
+class FilterSampler:
+    """Plans of 8 words; every answer right."""
+    def __call__(self, agent, prompts, temperature, desc, keys=None):
+        texts = ["w " * 8 if "plans" in desc else "\\boxed{1}" for _ in prompts]
+        return [None] * len(texts), texts
+
+    def timed(self, name):
+        return contextlib.nullcontext()
+
+
+def test_fork4_plan_length_penalty_moves_reward_and_filter(tmp_path, tiny_model):
+    repo = patched_copy(tmp_path, 4)
+    forked = load(repo / "rema_single.py", "fork4_rema_single")
+    task = SimpleNamespace(tokenizer=word_tokenizer)
+    # accuracy 1/2 under a 4-token plan with a 16-token budget: 0.5 - 0.5 * 4/16 = 0.375; past the budget: - 0.5
+    options = SimpleNamespace(meta_max_completion_length=16)
+    assert abs(forked.META_SCORES["short_plan"](["a", "b"], [1.0, 0.0], task, "w w w w", options) - 0.375) < 1e-9
+    assert abs(forked.META_SCORES["short_plan"](["a"], [1.0], task, "w " * 40, options) - 0.5) < 1e-9
+
+    # the D_h filter scores with the same entry: always-right answers under 8-token plans, bounds [0, 0.8]:
+    # accuracy scores every question 1 (dropped), short_plan 1 - 0.5 * 8/16 = 0.75 (kept)
+    fake_task = SimpleNamespace(tokenizer=word_tokenizer, meta_prompt=lambda q: q["question"],
+                                reas_prompt=lambda q, m: q["question"] + m, score=lambda answers, items: [1.0] * len(answers))
+    questions = [{"question": f"q{i}", "answer": "1"} for i in range(2)]
+    found = {}
+    for score in ("accuracy", "short_plan"):
+        args = forked.Args(meta_reward=score, meta_max_completion_length=16,
+                           prompt_filter=FilterArgs(num_samples=2, pool_size=None, eps_min=0.0, eps_max=0.8))
+        dataset, stats = forked.build_dataset("meta_thinking", 0, questions, {"meta_thinking": None, "reasoning": None},
+                                              FilterSampler(), fake_task, args, SimpleNamespace(process_index=0, num_processes=1))
+        found[score] = (len(dataset), stats["filter/mean_succ"])
+    assert found == {"accuracy": (0, 1.0), "short_plan": (2, 0.75)}
+
+    run_dir, config = train(repo, tiny_model, tmp_path / "runs", "--meta_reward", "short_plan", "--no-filter")
+    assert config["meta_reward"] == "short_plan"  # (an unknown name stops the run in validate())
+    assert changed_tensors(tiny_model, find_checkpoint(run_dir) / "meta_thinking") > 0
+
+
+def test_fork5_per_turn_discount(tmp_path, copy_task):  # noqa: F811 (the fixture)
+    repo = patched_copy(tmp_path, 5)
+    forked = load(repo / "rema_multiturn.py", "fork5_rema_multiturn")
+    # one sequence, turns 0 and 1 of one token each, ratio 1, A = 1: turn t's loss is -gamma^(1 - t) A
+    logp, turn_ids = torch.zeros(1, 2), torch.tensor([[0, 1]])
+    kw = dict(clip_mode="turn", ratio_form="geometric", agg_mode="turn", eps_low=0.2, eps_high=0.2, dual_clip=3.0,
+              log_ratio_cap=3.0)
+    total, _ = forked.turn_policy_loss(logp, logp, torch.tensor([1.0]), turn_ids, turn_discount=0.5, **kw)
+    assert abs(total.item() - (-0.5 - 1.0)) < 1e-6
+    total, _ = forked.turn_policy_loss(logp, logp, torch.tensor([1.0]), turn_ids, turn_discount=1.0, **kw)
+    assert abs(total.item() - (-1.0 - 1.0)) < 1e-6  # gamma = 1: the unforked loss
+
+    model, data = copy_task
+    cmd = [sys.executable, str(repo / "rema_multiturn.py"), "--model", str(model), "--train_dataset", str(data),
+           "--eval_dataset", str(data), "--output_dir", str(tmp_path / "runs"), "--exp_name", "fork", *MULTITURN_TINY,
+           "--turn_discount", "0.5", "--no-bf16"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    run_dir = tmp_path / "runs" / "fork"
+    assert json.loads((run_dir / "config.json").read_text())["turn_discount"] == 0.5
+    assert changed_tensors(model, find_checkpoint(run_dir) / "policy") > 0
+
+
+def test_fork6_both_agents_learn_from_every_rollout(tmp_path, tiny_model):
+    repo = patched_copy(tmp_path, 6)
+    # one block of MTA steps; B x G = 4 x 4 = 16 sequences per optimizer step: the MTA's 16 plans take 1 step, the
+    # RA's 16 x K = 32 solutions take 2, with pi_old recomputed (the trap the fork's rule 4 closes)
+    run_dir, _ = train(repo, tiny_model, tmp_path / "runs", "--schedule", "switch", "--no-filter", "--switch_freq", "2",
+                       "--total_steps", "2", "--mini_batch_size", "16")
+    steps = [r for r in metrics(run_dir) if "meta/reward" in r]
+    assert len(steps) == 2
+    assert all(r["meta/optimizer_steps"] == 1 and r["reas/optimizer_steps"] == 2 for r in steps)
+    ckpt = find_checkpoint(run_dir)
+    assert changed_tensors(tiny_model, ckpt / "meta_thinking") > 0 and changed_tensors(tiny_model, ckpt / "reasoning") > 0
