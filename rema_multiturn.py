@@ -563,7 +563,7 @@ def main(args: Args) -> None:
     guard = NonFiniteGuard(args.optim.max_skipped_steps, "rema_multiturn.py")  # skips steps with a NaN / inf gradient
     steps_per_epoch = len(train_set) // args.rollout_batch_size
     assert steps_per_epoch >= 1, f"the train set ({len(train_set)} rows) is smaller than --rollout_batch_size"
-    state = ckpt.resume(args.run.resume, logger) or dict(step=0, epoch=0, batch=0, evaluated_at=None)
+    state = ckpt.resume(args.run.resume, logger) or dict(step=0, evaluated_at=None)
     # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
     plan = {"memory": memory_plan.header(args, "multiturn", path, accelerator)} if world > 1 and main_proc else {}
     progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
@@ -608,7 +608,6 @@ def main(args: Args) -> None:
             metrics = learn(agent, roles, trajs, args, d, sampler, tokenizer, accelerator, autocast, guard, state["step"] + 1)
             state["step"] += 1
             state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
-            state["epoch"], state["batch"] = divmod(step + 1, steps_per_epoch)  # the next step's position
 
             # ---- METRICS ----
             metrics |= memory | peak_memory(accelerator, "update")
