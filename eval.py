@@ -51,7 +51,7 @@ from utils.judge_data import SplitSpec, check_same_split, is_rewardbench, load_j
 from utils.models import end_of_turn_ids, load_eval_model, load_tokenizer, resolve_model
 from utils.task import TASKS
 from utils.vllm_engine import VLLMEngine
-from utils.validate import SEED, above, at_least, check_ranges, within
+from utils.validate import SEED, above, at_least, check_ranges, refuse, within
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 BENCHMARKS = ("MATH500", "gsm8k", "aime24", "amc23", "gaokao2023en", "minerva_math", "olympiadbench")
@@ -106,9 +106,9 @@ class Args:
     stop_when_truncated: bool | None = None
     """rema_multiturn: end a conversation when a turn is truncated (None: as the training run did)"""
     one_shot: bool = False
-    """vrp / mrp / rema on math: the worked example (7 + 5) before each question in the answering agent's prompt that
-    rema_single.py's cpu preset trains with; on by itself when --model is a checkpoint of a run that trained with it
-    (its config.json)"""
+    """math: the worked example (7 + 5) before each question in the answering agent's prompt (the RA's, VRP's, MRP's)
+    that the cpu presets train with; on by itself when --model is a checkpoint of a run that trained with it (its
+    config.json)"""
     preset: str | None = None
     """rema_multiturn: when --model is not a training run's checkpoint (an sft.py output, a hub model), the preset of
     rema_multiturn.py whose turn limits to use (cpu, paper-qwen2.5-7b); flags still override each limit"""
@@ -379,9 +379,9 @@ def main(args: Args) -> None:
     set_seed(args.seed, device_specific=True)
     run = training_config(args.model)
     args = resolve_limits(args, run)
-    one_shot = args.one_shot or bool(run and run.get("one_shot") and args.method in ("vrp", "mrp", "rema"))
-    if one_shot and (judge or args.method == "rema_multiturn"):
-        raise SystemExit("eval.py: --one_shot is a worked math example for the single-turn prompts (vrp, mrp, rema)")
+    one_shot = args.one_shot or bool(run and run.get("one_shot"))
+    if one_shot and judge:
+        refuse("eval.py: --one_shot is a worked math example; the judge task has none")
 
     questions = load_questions(args, run)
     # ---- resume: skip (question, sample, order) triples already written by any process of an earlier run ----
@@ -453,7 +453,7 @@ def main(args: Args) -> None:
 
                     trajs = multi_turn_rollout([q | {"question": task.conversation(q)} for q in chunk], generate_fn,
                                                tokenizer, args.max_turns, args.max_context_length,
-                                               args.stop_when_truncated, task.multiturn_reas_system)
+                                               args.stop_when_truncated, task.multiturn_reas_system, one_shot)
                     responses = [tr.final_response for tr in trajs]
                     extra = [{"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
                               "finish": REASONS[tr.reason]} for tr in trajs]

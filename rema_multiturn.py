@@ -33,10 +33,13 @@ Departures from the paper / official code, all deliberate:
  6. No KL term and no entropy bonus: the paper's multi-turn runs use neither (beta = 0).
  7. With `--backend vllm` the loss is weighted by the truncated importance ratio pi_old / pi_vLLM (TRL and verl do
     the same; utils/sampling.py): the engine's bf16 kernels sample from a slightly different policy than pi_old.
- 8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 8 questions x 4 trajectories per step for 30 steps, 2 turns
-    of 64 tokens, higher learning rate, temperature 0.7, no reward mask (the untrained model never writes [FINISH])
-    and no stop on truncation, evaluation at the start and the end only, no gradient checkpointing; the paper's
-    value is in the docstring of every flag, and `--preset paper-qwen2.5-7b` sets them all.
+ 8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 8 questions x 3 trajectories per step for 9 steps, 2 turns
+    of 32 tokens, one optimizer step per rollout, higher learning rate, temperature 0.7, evaluation at the start and
+    the end only, no gradient checkpointing, and one example exchange in each agent's prompt (`--one_shot`: the MTA's
+    example instruction ends with [FINISH], the RA's example answer is boxed), which stands in for the SFT stage
+    the paper's multi-turn RL starts from (the untrained model never writes [FINISH] without it). The reward mask
+    and the stop on truncation are the paper's. The paper's value is in the docstring of every flag, and
+    `--preset paper-qwen2.5-7b` sets them all.
  9. With separate parameters each agent's AdamW state persists across the switches (not stated in the paper).
 """
 
@@ -84,22 +87,24 @@ class Args:
     """one model plays both agents (paper); --no-param_sharing: separate parameters, one agent trained at a time (Fig. 6)"""
     switch_freq: int = 10
     """--no-param_sharing: steps per block of one agent, MTA first (official default 10)"""
-    total_steps: int = 30
+    total_steps: int = 9
     """training steps (paper: 500)"""
-    mask_unfinished_reward: bool = False
-    """reward 0 unless the MTA ended the conversation with [FINISH] (paper's format reward; True in the paper, which
-    starts from an SFT model, see sft.py; the untrained SmolLM2 never writes [FINISH], so every reward would be 0)"""
-    stop_when_truncated: bool = False
-    """end a trajectory when a turn hits max_completion_length (paper: True; off on CPU, where 40-60% of the
-    untrained model's 64-token turns are cut and stopping there leaves almost no reward to learn from)"""
+    mask_unfinished_reward: bool = True
+    """reward 0 unless the MTA ended the conversation with [FINISH] (the paper's format reward); --no-: the reward
+    of every conversation (a model that never writes [FINISH], e.g. without --one_shot or SFT, gets only 0s with it)"""
+    one_shot: bool = True
+    """a worked example (7 + 5) before the question in the RA's opening messages, not the MTA's (not in the paper:
+    the 135M model boxes its answer only after one). Unless given, on for --preset cpu on the math task, see FOLLOWS"""
+    stop_when_truncated: bool = True
+    """end a trajectory when a turn hits max_completion_length (paper); with the reward mask it then gets 0"""
     # ---- rollout ----
     rollout_batch_size: int = 8
     """B: questions per training step over all processes (paper: 128)"""
-    num_generations: int = 4
+    num_generations: int = 3
     """G: trajectories per question, the GRPO group (paper: 16)"""
     max_turns: int = 2
     """turns per trajectory; a turn is one MTA message and one RA message (paper: 30)"""
-    max_completion_length: int = 64
+    max_completion_length: int = 32
     """max new tokens of one turn of either agent (paper: 512)"""
     max_context_length: int = 512
     """max tokens of the conversation an agent is prompted with; longer ends the trajectory (paper: 4096)"""
@@ -127,7 +132,7 @@ class Args:
     """L: token log-ratios are capped at L before exponentiating (official 3.0)"""
     num_iterations: int = 1
     """passes over each rollout (paper / official ppo_epochs: 1)"""
-    num_mini_batches: int = 4
+    num_mini_batches: int = 1
     """optimizer steps per rollout (paper: 4); 1 is the official example script (one step, the ratio stays 1)"""
     micro_batch_size: int = 8
     """sequences per forward/backward on each process (gradient accumulation up to the mini-batch)"""
@@ -200,12 +205,14 @@ class Trajectory:
 
 
 def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int, max_context_length: int,
-                       stop_when_truncated: bool, reas_system: str = prompts.MULTITURN_REAS_SYSTEM) -> list[Trajectory]:
+                       stop_when_truncated: bool, reas_system: str = prompts.MULTITURN_REAS_SYSTEM,
+                       one_shot: bool = False) -> list[Trajectory]:
     """Run all conversations turn by turn; each agent's turn is one batched generate_fn(role, prompt ids, keys) call
     over every live conversation (keys: (the item's "key", turn index) of each, to seed its sample). A conversation
     ends normally when the MTA has written [FINISH] and the RA has answered; otherwise when a prompt would exceed
     max_context_length, when a turn is truncated (if stop_when_truncated), or after max_turns turns. reas_system:
-    the RA's system prompt (the judge task asks for a verdict, not a box)."""
+    the RA's system prompt (the judge task asks for a verdict, not a box); one_shot: each agent's opening messages
+    start with an example exchange (prompts.ONE_SHOT; the cpu preset)."""
     pieces = prompts.ChatPieces.from_tokenizer(tokenizer)
     closing = tokenizer(pieces.closing, add_special_tokens=False)["input_ids"]  # e.g. [<|im_end|>, "\n"]
 
@@ -220,8 +227,8 @@ def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int
                 if tr.reason is not None:
                     continue
                 if role not in tr.ids:  # this agent's first turn: render its opening messages (docs/algorithm.md §1)
-                    messages = (prompts.multiturn_meta_messages(tr.question) if role == "meta_thinking"
-                                else prompts.multiturn_reas_messages(tr.question, tr.turns[-1].text, reas_system))
+                    messages = (prompts.multiturn_meta_messages(tr.question, one_shot) if role == "meta_thinking"
+                                else prompts.multiturn_reas_messages(tr.question, tr.turns[-1].text, reas_system, one_shot))
                     context = prompts.render(tokenizer, messages)
                 else:  # its own sampled ids so far, then the other agent's last message as a user turn
                     context = tr.ids[role] + user_turn(tr.turns[-1].text)
@@ -276,7 +283,7 @@ def rollout(items, agent_of, sampler, task, args, temperature: float, desc: str)
 
     trajs = multi_turn_rollout([it | {"question": task.conversation(it)} for it in items], generate_fn,
                                sampler.tokenizer, args.max_turns, args.max_context_length, args.stop_when_truncated,
-                               task.multiturn_reas_system)
+                               task.multiturn_reas_system, task.one_shot)
     # ---- REWARD (docs/algorithm.md §10): the RA's final answer (judge: its verdict), masked unless the MTA finished
     with sampler.timed("rewards"):
         correct = task.score([tr.final_response for tr in trajs], [{"answer": tr.answer} for tr in trajs])
@@ -546,7 +553,7 @@ def main(args: Args) -> None:
         path = resolve_model(args.lm.model)
     tokenizer = load_tokenizer(path)
     grader = Grader(args.grading.timeout, args.grading.workers, args.grading.grader) if args.data.task == "math" else None
-    task = TASKS[args.data.task](tokenizer, grader)
+    task = TASKS[args.data.task](tokenizer, grader, args.one_shot)
     train_set, eval_set = task.load(args)
     names = ["policy"] if args.param_sharing else ROLES
     agents = build_agents(args, accelerator, path, {n: args.max_completion_length for n in names})
@@ -655,10 +662,14 @@ RANGES = {
     "micro_batch_size": at_least(1),
 }
 
+FOLLOWS = {  # options whose default follows other options, unless given on the command line (utils.config.cli)
+    "one_shot": lambda args: args.preset == "cpu" and args.data.task == "math",  # the paper's prompts have none
+}
+
 
 def parse_args() -> Args:
     """The command line over its preset, every numeric option checked against its range before anything loads."""
-    return check_ranges(cli(Args, multi_turn(), "rema_multiturn.py"), RANGES, "rema_multiturn.py")
+    return check_ranges(cli(Args, multi_turn(), "rema_multiturn.py", FOLLOWS), RANGES, "rema_multiturn.py")
 
 
 def validate(args: Args, accelerator) -> None:
@@ -675,6 +686,7 @@ def validate(args: Args, accelerator) -> None:
     need(G >= 1 and args.micro_batch_size >= 1, "--num_generations and --micro_batch_size must be >= 1")
     need(args.max_turns >= 1 and args.max_completion_length >= 1, "--max_turns and --max_completion_length must be >= 1")
     need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
+    need(not args.one_shot or args.data.task == "math", "--one_shot is a worked math example; the judge task has none")
     need(args.clip_mode == "turn" or args.ratio_form == "geometric",
          "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
     need(args.switch_freq >= 1, "--switch_freq must be >= 1")

@@ -25,9 +25,10 @@ for script in single multiturn; do
       .venv/bin/python "rema_$script.py" --seed "$seed" "--$bf16" --output_dir "$OUT" --exp_name "$name" \
         > "$OUT/$name.log" 2>&1
       echo $(( $(date +%s) - start )) > "$OUT/$name/wall_seconds"
+      git rev-parse --short HEAD > "$OUT/$name/commit"
       rm -rf "${OUT:?}/$name/checkpoints"
       mkdir -p "$DOCS/$name"
-      cp "$OUT/$name/metrics.jsonl" "$OUT/$name/config.json" "$OUT/$name/wall_seconds" "$DOCS/$name/"
+      cp "$OUT/$name/metrics.jsonl" "$OUT/$name/config.json" "$OUT/$name/wall_seconds" "$OUT/$name/commit" "$DOCS/$name/"
       grep -a "^done:\|^phase\|^run:\|^update:\|^schedule:" "$OUT/$name.log" | tr '\r' '\n' | grep -a "^done:\|^phase\|^run:\|^update:\|^schedule:" \
         > "$DOCS/$name/console.txt" || true
       tail -n 1 "$DOCS/$name/console.txt"
@@ -35,5 +36,5 @@ for script in single multiturn; do
   done
 done
 machine="$(lscpu | grep -m1 'Model name' | sed 's/ *Model name: *//'), $(nproc) cores, bf16 instructions: \
-$(grep -q avx512_bf16 /proc/cpuinfo && echo yes || echo no); $(date -u +%F), commit $(git rev-parse --short HEAD)"
+$(grep -q avx512_bf16 /proc/cpuinfo && echo yes || echo no); table written $(date -u +%F) (each run's commit: its row)"
 .venv/bin/python bench/default_run_report.py "$DOCS" --out "$DOCS" --machine "$machine"

@@ -33,6 +33,7 @@ def summarize(run: Path) -> dict:
     out = dict(run=run.name, script=script, seed=config["run"]["seed"], bf16=config["lm"]["bf16"], questions=n,
                acc_start=a0, acc_end=a1, change=a1 - a0, se=se, steps=s1,
                minutes=float((run / "wall_seconds").read_text()) / 60 if (run / "wall_seconds").exists() else None,
+               commit=(run / "commit").read_text().strip() if (run / "commit").exists() else "n/a",
                curve=[(s, a) for s, a, _ in evals])
     for agent, (reward, std, grad) in AGENT_KEYS[script].items():
         steps = [r for r in rows if reward in r]
@@ -45,13 +46,13 @@ def summarize(run: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| script | seed | bf16 | held-out start | end | change (SE) | steps | minutes | agent: reward first -> last "
-             "(steps with signal) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| script | commit | seed | bf16 | held-out start | end | change (SE) | steps | minutes | agent: reward first "
+             "-> last (steps with signal) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         agents = "; ".join(f"{a}: {r[a]['reward_first']:+.2f} -> {r[a]['reward_last']:+.2f} ({r[a]['signal']:.0%} of "
                            f"{r[a]['steps']})" for a in ("RA", "MTA", "both") if a in r)
         minutes = f"{r['minutes']:.1f}" if r["minutes"] is not None else "n/a"
-        lines.append(f"| {r['script']}.py | {r['seed']} | {'on' if r['bf16'] else 'off'} | {r['acc_start']:.0%} | "
+        lines.append(f"| {r['script']}.py | {r['commit']} | {r['seed']} | {'on' if r['bf16'] else 'off'} | {r['acc_start']:.0%} | "
                      f"{r['acc_end']:.0%} | {100 * r['change']:+.0f} ({100 * r['se']:.1f}) | {r['steps']} | {minutes} | "
                      f"{agents} |")
     return "\n".join(lines)

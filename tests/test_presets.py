@@ -53,6 +53,7 @@ def test_paper_multi_turn_values():
     assert (args.max_completion_length, args.max_context_length, args.temperature) == (512, 4096, 1.0)
     assert args.mask_unfinished_reward and args.stop_when_truncated and args.num_mini_batches == 4
     assert (args.optim.learning_rate, args.optim.weight_decay, args.total_steps) == (1e-6, 0.01, 500)
+    assert not args.one_shot  # the paper's prompts: its model learned the protocol by SFT (sft.py)
 
 
 def test_flags_override_a_preset(monkeypatch):
@@ -131,3 +132,26 @@ def test_one_shot_prompts_put_the_example_before_the_question():
         assert shot[2]["content"].endswith("\\boxed{12}.")  # the example shows the boxed answer
     # the meta-thinking agent keeps the paper's prompt: how to plan is left to RL
     assert [m["role"] for m in prompts.meta_messages("What is 2 + 3?")] == ["system", "user"]
+
+
+@pytest.mark.parametrize("argv,one_shot", [([], True), (["--no-one_shot"], False), (["--task", "judge"], False),
+                                           (["--preset", "paper-qwen2.5-7b"], False),
+                                           (["--preset", "paper-qwen2.5-7b", "--one_shot"], True)])
+def test_multi_turn_one_shot_follows_the_preset_and_task(monkeypatch, argv, one_shot):
+    monkeypatch.setattr(sys, "argv", ["rema_multiturn.py", *argv])
+    assert mt.parse_args().one_shot == one_shot
+
+
+def test_multi_turn_one_shot_shows_each_agent_one_exchange():
+    """The MTA's example instruction ends with [FINISH] (the protocol the paper's model learns by SFT); the RA's
+    example answers that instruction with a box. The system prompts and the question are the paper's."""
+    from utils import prompts
+
+    meta, meta_shot = prompts.multiturn_meta_messages("What is 2 + 3?"), prompts.multiturn_meta_messages("What is 2 + 3?", True)
+    assert [m["role"] for m in meta_shot] == ["system", "user", "assistant", "user"]
+    assert meta_shot[0] == meta[0] and meta_shot[-1] == meta[-1]
+    assert meta_shot[1]["content"] == prompts.ONE_SHOT["question"] and meta_shot[2]["content"].endswith(prompts.FINISH_FLAG)
+    reas, reas_shot = (prompts.multiturn_reas_messages("What is 2 + 3?", "Add them.", one_shot=s) for s in (False, True))
+    assert [m["role"] for m in reas_shot] == ["system", "user", "assistant", "user"]
+    assert reas_shot[0] == reas[0] and reas_shot[-1] == reas[-1]
+    assert prompts.ONE_SHOT["plan"] in reas_shot[1]["content"] and reas_shot[2]["content"].endswith("\\boxed{12}.")

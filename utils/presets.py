@@ -57,13 +57,13 @@ def single_turn() -> dict[str, tuple[str, dict]]:
 
 def multi_turn() -> dict[str, tuple[str, dict]]:
     return {
-        "cpu": ("CPU-sized: SmolLM2-135M on a + b, 2 turns of 64 tokens, no reward mask", {}),
+        "cpu": ("CPU-sized: SmolLM2-135M on a + b, 2 turns of 32 tokens, one worked example per agent", {}),
         "paper-qwen2.5-7b": ("Sec. 4.3 multi-turn ReMA: Qwen2.5-7B after sft.py (runs/sft_qwen7b/model), MATH levels 3-5",
                              MATH_LV3TO5 | {"lm.model": "runs/sft_qwen7b/model", "rollout_batch_size": 128, "num_generations": 16,
                                      "max_turns": 30, "max_completion_length": 512, "max_context_length": 4096,
                                      "mask_unfinished_reward": True, "stop_when_truncated": True, "temperature": 1.0,
                                      "optim.learning_rate": 1e-6, "optim.weight_decay": 0.01, "num_mini_batches": 4,
                                      "micro_batch_size": 4, "total_steps": 500, "generation.backend": "vllm",
-                                     "run.eval_every": 10, "run.save_every": 10,
+                                     "run.eval_every": 10, "run.save_every": 10, "one_shot": False,
                                      "lm.gradient_checkpointing": True}),
     }

@@ -65,8 +65,10 @@ MULTITURN_REAS_SYSTEM = (
 # Zero-shot, SmolLM2-135M's reasoning agent boxes none of its greedy answers to `a + b`, so its first rollouts are
 # all -1 (nothing to learn from). `--one_shot` (the `cpu` preset) puts a worked example before the question, as an
 # earlier user / assistant turn, in the prompts of the agents that answer (the RA, VRP, MRP): it shows the answer's
-# format. The meta-thinking agent keeps the paper's prompt, so how to plan is left to RL. The paper's prompts have
-# no example.
+# format. In single-turn ReMA the meta-thinking agent keeps the paper's prompt, so how to plan is left to RL. In
+# multi-turn ReMA both agents see one example exchange (multiturn_*_messages): the paper's multi-turn RL starts from a
+# model that learned the conversation protocol, [FINISH] included, by SFT, and the cpu preset has no SFT stage. The
+# paper's prompts have no example.
 ONE_SHOT = {"question": "What is 7 + 5?", "plan": "Add the two numbers: start from 7 and count up 5 more.",
             "solution": "7 + 5 = 12.\nThe answer is \\boxed{12}."}
 
@@ -102,16 +104,23 @@ def mrp_messages(question: str, one_shot: bool = False) -> list[dict]:
 MULTITURN_REAS_FIRST_USER = "Question:\n{question}\n\nInstruction:\n{plan}"  # official code, docs/algorithm.md §1
 
 
-def multiturn_meta_messages(question: str) -> list[dict]:
-    """Multi-turn ReMA, the MTA's first turn; the RA's replies follow as user turns (docs/algorithm.md §1)."""
-    return [{"role": "system", "content": MULTITURN_META_SYSTEM}, {"role": "user", "content": question}]
+def multiturn_meta_messages(question: str, one_shot: bool = False) -> list[dict]:
+    """Multi-turn ReMA, the MTA's first turn; the RA's replies follow as user turns (docs/algorithm.md §1).
+    one_shot (the cpu preset): first an example exchange whose instruction ends with [FINISH], the protocol that the
+    paper's multi-turn runs learn by SFT before RL (sft.py); what to say, and when to finish, is left to RL."""
+    demo = _exchange(ONE_SHOT["question"], f"{ONE_SHOT['plan']} {FINISH_FLAG}", one_shot)
+    return [{"role": "system", "content": MULTITURN_META_SYSTEM}, *demo, {"role": "user", "content": question}]
 
 
-def multiturn_reas_messages(question: str, plan: str, system: str = MULTITURN_REAS_SYSTEM) -> list[dict]:
+def multiturn_reas_messages(question: str, plan: str, system: str = MULTITURN_REAS_SYSTEM,
+                            one_shot: bool = False) -> list[dict]:
     """Multi-turn ReMA, the RA's first turn; the MTA's later turns follow as user turns (docs/algorithm.md §1).
-    system: MULTITURN_REAS_SYSTEM (math), or MULTITURN_JUDGE_REAS_SYSTEM for the judge task."""
+    system: MULTITURN_REAS_SYSTEM (math), or MULTITURN_JUDGE_REAS_SYSTEM for the judge task; one_shot: the worked
+    example first (the cpu preset), as in reas_messages."""
+    demo = _exchange(MULTITURN_REAS_FIRST_USER.format(question=ONE_SHOT["question"], plan=ONE_SHOT["plan"]),
+                     ONE_SHOT["solution"], one_shot)
     user = MULTITURN_REAS_FIRST_USER.format(question=question, plan=plan)
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system}, *demo, {"role": "user", "content": user}]
 
 
 @dataclass(frozen=True)
