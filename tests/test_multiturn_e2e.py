@@ -21,7 +21,10 @@ from utils.checkpoint import find_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rollout_batch_size", "4", "--num_generations", "4", "--max_turns", "2", "--max_completion_length", "12",
         "--eval_limit", "6", "--total_steps", "2", "--save_every", "0", "--grading.workers", "1",
-        "--learning_rate", "1e-3", "--weight_decay", "0", "--micro_batch_size", "8"]
+        "--learning_rate", "1e-3", "--weight_decay", "0", "--micro_batch_size", "8",
+        # the update and reward these tests were written for (the cpu preset's values before it took the example
+        # exchange): 4 optimizer steps per rollout, so pi_old is recomputed and the ratio clipped; no mask
+        "--num_mini_batches", "4", "--no-one_shot", "--no-mask_unfinished_reward", "--no-stop_when_truncated"]
 REASONS = ("normal", "max_turns", "context_exceeded", "truncated")
 
 
