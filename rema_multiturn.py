@@ -93,8 +93,9 @@ class Args:
     """reward 0 unless the MTA ended the conversation with [FINISH] (the paper's format reward); --no-: the reward
     of every conversation (a model that never writes [FINISH], e.g. without --one_shot or SFT, gets only 0s with it)"""
     one_shot: bool = True
-    """a worked example (7 + 5) before the question in the RA's opening messages, not the MTA's (not in the paper:
-    the 135M model boxes its answer only after one). Unless given, on for --preset cpu on the math task, see FOLLOWS"""
+    """one example exchange (7 + 5) before the question in each agent's opening messages: the MTA's instruction ends
+    with [FINISH], the RA's answer is boxed (not in the paper, whose model learns the protocol by SFT). Unless
+    given, on for --preset cpu on the math task, see FOLLOWS"""
     stop_when_truncated: bool = True
     """end a trajectory when a turn hits max_completion_length (paper); with the reward mask it then gets 0"""
     # ---- rollout ----
