@@ -33,12 +33,12 @@ Departures from the paper / official code, all deliberate:
  6. No KL term and no entropy bonus: the paper's multi-turn runs use neither (beta = 0).
  7. With `--backend vllm` the loss is weighted by the truncated importance ratio pi_old / pi_vLLM (TRL and verl do
     the same; utils/sampling.py): the engine's bf16 kernels sample from a slightly different policy than pi_old.
- 8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 8 questions x 3 trajectories per step for 9 steps, 2 turns
-    of 32 tokens, one optimizer step per rollout, higher learning rate, temperature 0.7, evaluation at the start and
-    the end only, no gradient checkpointing, and one example exchange in each agent's prompt (`--one_shot`: the MTA's
-    example instruction ends with [FINISH], the RA's example answer is boxed), which stands in for the SFT stage
-    the paper's multi-turn RL starts from (the untrained model never writes [FINISH] without it). The reward mask
-    and the stop on truncation are the paper's. The paper's value is in the docstring of every flag, and
+ 8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 8 questions x 3 trajectories per step for 10 steps, 2
+    turns of 32 tokens, one optimizer step per rollout, learning rate 4e-5, temperature 0.7, evaluation at the start
+    and the end only, no gradient checkpointing, and one example exchange in each agent's prompt (`--one_shot`: the
+    MTA's example instruction ends with [FINISH], the RA's example answer is boxed), which stands in for the SFT
+    stage the paper's multi-turn RL starts from (the untrained model never writes [FINISH] without it). The reward
+    mask and the stop on truncation are the paper's. The paper's value is in the docstring of every flag, and
     `--preset paper-qwen2.5-7b` sets them all.
  9. With separate parameters each agent's AdamW state persists across the switches (not stated in the paper).
 """
@@ -87,7 +87,7 @@ class Args:
     """one model plays both agents (paper); --no-param_sharing: separate parameters, one agent trained at a time (Fig. 6)"""
     switch_freq: int = 10
     """--no-param_sharing: steps per block of one agent, MTA first (official default 10)"""
-    total_steps: int = 9
+    total_steps: int = 10
     """training steps (paper: 500)"""
     mask_unfinished_reward: bool = True
     """reward 0 unless the MTA ended the conversation with [FINISH] (the paper's format reward); --no-: the reward
@@ -137,8 +137,10 @@ class Args:
     """optimizer steps per rollout (paper: 4); 1 is the official example script (one step, the ratio stays 1)"""
     micro_batch_size: int = 8
     """sequences per forward/backward on each process (gradient accumulation up to the mini-batch)"""
-    optim: Annotated[OptimizerArgs, Flat] = field(default_factory=lambda: OptimizerArgs(weight_decay=0.01))
-    """the optimizer (AdamW, constant learning rate) and the guard against non-finite steps"""
+    optim: Annotated[OptimizerArgs, Flat] = field(
+        default_factory=lambda: OptimizerArgs(learning_rate=4e-5, weight_decay=0.01))
+    """the optimizer (AdamW, constant learning rate; the cpu preset's 4e-5, paper 1e-6) and the guard against non-finite
+    steps"""
     # ---- plumbing shared with rema_single.py (utils/config.py) ----
     lm: Annotated[ModelArgs, Flat] = field(default_factory=ModelArgs)
     """the model and how it is trained"""
