@@ -45,30 +45,24 @@ Departures from the paper / official code, all deliberate:
 
 import math
 import random
-import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 
-from utils import memory_plan, prompts
-from utils.batch import collate, select
-from utils.checkpoint import Checkpointer
+from utils import prompts
+from utils.batch import collate, select, update_sizes
 from utils.config import (Annotated, DataArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs, ModelArgs,
-                          OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli, warn_if_scales_mix)
+                          OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, peak_memory, reduce_sums, shard
-from utils.faults import NonFiniteGuard, Preempted, Preemption
-from utils.grading import Grader
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
 from utils.logprobs import completion_logprobs
-from utils.models import build_agents, load_tokenizer, resolve_model, training_autocast
 from utils.presets import multi_turn
-from utils.sampling import importance_weights, make_sampler
-from utils.task import TASKS
-from utils.tracking import RunLogger, RunProgress
+from utils.run import Run
+from utils.sampling import importance_weights
+from utils.tracking import update_metrics
 from utils.validate import above, at_least, check_ranges, refuse
 
 ROLES = ["meta_thinking", "reasoning"]  # the MTA always speaks first
@@ -133,8 +127,9 @@ class Args:
     """L: token log-ratios are capped at L before exponentiating (official 3.0)"""
     num_iterations: int = 1
     """passes over each rollout (paper / official ppo_epochs: 1)"""
-    num_mini_batches: int = 1
-    """optimizer steps per rollout (paper: 4); 1 is the official example script (one step, the ratio stays 1)"""
+    mini_batch_size: int | None = None
+    """sequences per optimizer step over all processes (paper: 4 steps per rollout, 1024 of 128 x 16 x 2 sequences);
+    None: the whole rollout, one step (the official example script: the ratio stays 1)"""
     micro_batch_size: int = 8
     """sequences per forward/backward on each process (gradient accumulation up to the mini-batch)"""
     optim: Annotated[OptimizerArgs, Flat] = field(
@@ -162,7 +157,8 @@ class Args:
 # ---- DERIVED: every size and choice that follows from the options, decided once (validate(): SETUP, at the end) ------
 @dataclass(frozen=True)
 class Derived:
-    recompute_old: bool  # pi_old recomputed by the trainer before the update (more than one step, or vLLM samples)
+    recompute_old: bool  # pi_old recomputed before every update (vLLM samples need it; more than one optimizer step
+    # per rollout also needs it: decided per update from the batch, see update_sizes)
     eps_high: float  # upper clip range
     is_mode: str  # importance weighting against the sampler: "none" unless generation runs on vLLM
 
@@ -170,7 +166,7 @@ class Derived:
 def derive(args: Args, accelerator) -> Derived:
     validate(args, accelerator)
     vllm = args.generation.backend == "vllm"
-    return Derived(recompute_old=args.num_iterations > 1 or args.num_mini_batches > 1 or vllm,
+    return Derived(recompute_old=args.num_iterations > 1 or vllm,
                    eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
                    is_mode=args.vllm.importance_sampling_mode if vllm else "none")
 
@@ -411,7 +407,8 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
                                      eps_high=d.eps_high, dual_clip=args.dual_clip, log_ratio_cap=args.log_ratio_cap,
                                      is_weight=micro.get("is_weight"))
     loss = total / norm
-    stats = dict(loss=loss.item(), entropy=(entropy * m).sum().item(), tokens=m.sum().item())
+    stats = dict(loss=loss.item(), entropy=(entropy * m).sum().item(), tokens=m.sum().item(),
+                 log_ratio=((logp.detach() - old_logp).abs() * m).sum().item())
     return loss, stats | {k: v.item() for k, v in counts.items()}
 
 
@@ -426,15 +423,16 @@ def old_logprobs(agent, batch: dict, args, autocast) -> None:
         batch["old_logp"][idx, : lp.shape[1]] = lp
 
 
-def ppo_update(agent, batch: dict, args, d: Derived, accelerator, autocast, guard, step: int) -> dict:
-    """num_iterations PPO epochs over num_mini_batches mini-batches of this process's sequences, gradient accumulation
-    over micro-batches of similar lengths. Returns sums of the loss statistics over the applied optimizer steps."""
+def ppo_update(agent, batch: dict, args, d: Derived, mini_batch: int, accelerator, autocast, guard, step: int) -> dict:
+    """num_iterations PPO epochs over mini-batches of this process's sequences (mini_batch each: update_sizes),
+    gradient accumulation over micro-batches of similar lengths. Returns sums of the loss statistics over the applied
+    optimizer steps."""
     turn_ids, world = batch["turn_ids"], accelerator.num_processes
     seq_len = batch["attention_mask"].sum(-1)  # (N,): micro-batches are cut from sequences of similar length
     sums = defaultdict(float)
     agent.model.train()
     for _ in range(args.num_iterations):
-        for mb in torch.tensor_split(torch.randperm(len(turn_ids), device=turn_ids.device), args.num_mini_batches):
+        for mb in torch.randperm(len(turn_ids), device=turn_ids.device).split(mini_batch):
             norm = torch.tensor(loss_normaliser(turn_ids[mb], args.agg_mode), device=turn_ids.device)
             norm = accelerator.reduce(norm, reduction="sum").clamp(min=1) / world  # the global denominator, per process
             micros = mb[seq_len[mb].argsort()].split(args.micro_batch_size)
@@ -462,31 +460,23 @@ def step_metrics(agent, roles, rewards, sums: dict, is_stats: dict, G: int, args
     """The step's metrics over the global batch (TRL's names; train/ or, with separate parameters, train/<agent>/)."""
     r_group = rewards.view(-1, G)
     local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "clip_dual", "units", "entropy", "tokens",
-                                          "grad_norm", "steps")}
+                                          "grad_norm", "steps", "log_ratio")}
     local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
         "zero_std": (r_group.std(-1) < 1e-6).sum() if G > 1 else 0, "groups": len(r_group)}
     s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
-    units, tok, steps = max(s["units"], 1.0), max(s["tokens"], 1.0), max(s["steps"], 1.0)
     p = "train" if args.param_sharing else f"train/{PREFIX[roles[0]]}"
     metrics = {"rollout/frac_reward_zero_std": s["zero_std"] / s["groups"],
                "rollout/reward_std": float(accelerator.gather(rewards).std()) if s["groups"] * G > 1 else 0.0,
-               f"{p}/clip_ratio/low_mean": s["clip_low"] / units, f"{p}/clip_ratio/high_mean": s["clip_high"] / units,
-               f"{p}/clip_ratio/region_mean": (s["clip_low"] + s["clip_high"]) / units,
-               f"{p}/clip_ratio/dual_mean": s["clip_dual"] / units, f"{p}/entropy": s["entropy"] / tok,
-               f"{p}/loss": s["loss"] / (accelerator.num_processes * steps),  # mean over the applied optimizer steps
-               f"{p}/grad_norm": s["grad_norm"] / steps,
-               f"{p}/optimizer_steps": s["steps"] / accelerator.num_processes,  # applied, on each process
-               f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"],
-               f"{p}/tokens": s["tokens"]}
-    if s["is_units"] > 0:
-        metrics |= {"vllm/is_weight_mean": s["is_weight"] / s["is_units"], "vllm/is_capped_frac": s["is_over_cap"] / s["is_units"]}
-    return metrics
+               f"{p}/clip_ratio/dual_mean": s["clip_dual"] / max(s["units"], 1.0), f"{p}/tokens": s["tokens"]}
+    return metrics | update_metrics(p, s, agent.optimizer.param_groups[0]["lr"], accelerator.num_processes, "units")
 
 
 def learn(agent, roles: list[str], trajs: list, args, d: Derived, sampler, tokenizer, accelerator, autocast, guard,
           step: int) -> dict:
     """Train `agent` on the conversations: one sequence per (trained role, trajectory), that agent's view with its
-    own turns labelled; pi_old, the advantages, then the PPO update. Returns the step's metrics."""
+    own turns labelled; pi_old, the advantages, then the PPO update. The update's sizes come from this batch
+    (update_sizes). Returns the step's metrics."""
+    world = accelerator.num_processes
     by_seq = [(role, tr) for role in roles for tr in trajs]
     seqs = [role_sequence(tr, role, tokenizer.pad_token_id) for role, tr in by_seq]
     batch = collate([s[0] for s in seqs], [s[1] for s in seqs], tokenizer.pad_token_id, accelerator.device,
@@ -496,8 +486,9 @@ def learn(agent, roles: list[str], trajs: list, args, d: Derived, sampler, token
 
     # ---- OLD LOG-PROBS, and with vLLM the importance weights against its samples ----
     agent.activate()  # LoRA: this agent's adapter on (the rollout may have left another's on)
+    mini_batch, steps = update_sizes(len(mask) * world, args, world)  # from the batch that is trained
     with sampler.timed("logprobs"):
-        if d.recompute_old:
+        if d.recompute_old or steps * args.num_iterations > 1:
             old_logprobs(agent, batch, args, autocast)
     sampled = sequence_sampler_logprobs(seqs, by_seq, mask)  # (N, C) vLLM's log-probs; None with HF
     metrics, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}
@@ -510,7 +501,7 @@ def learn(agent, roles: list[str], trajs: list, args, d: Derived, sampler, token
 
     # ---- UPDATE: PPO epochs over mini-batches, gradient accumulation over micro-batches ----
     with sampler.timed("update"):
-        sums = ppo_update(agent, batch, args, d, accelerator, autocast, guard, step)
+        sums = ppo_update(agent, batch, args, d, mini_batch, accelerator, autocast, guard, step)
     metrics |= rollout_metrics(trajs, len(trajs), "rollout")
     metrics |= step_metrics(agent, roles, rewards, sums, is_stats, args.num_generations, args, accelerator)
     return metrics | sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
@@ -547,57 +538,21 @@ def evaluate(eval_set, agent_of, sampler, task, args, accelerator) -> dict:
 def main(args: Args) -> None:
     accelerator = make_accelerator(find_unused_parameters=args.lm.param_mode == "lora" and not args.param_sharing)
     d = derive(args, accelerator)  # every derived choice, decided once
-    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run_dir = Path(args.run.output_dir) / args.run.exp_name
-    autocast = training_autocast(accelerator.device, args.lm.bf16)
-
-    # ---- data, agents (one shared policy, or one per agent) and plumbing ----
-    with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
-        path = resolve_model(args.lm.model)
-    tokenizer = load_tokenizer(path)
-    grader = Grader(args.grading.timeout, args.grading.workers, args.grading.grader) if args.data.task == "math" else None
-    task = TASKS[args.data.task](tokenizer, grader, args.one_shot)
-    train_set, eval_set = task.load(args)
-    names = ["policy"] if args.param_sharing else ROLES
-    agents = build_agents(args, accelerator, path, {n: args.max_completion_length for n in names})
-    warn_if_scales_mix(args, next(iter(agents.values())).unwrapped, world, "rema_multiturn.py")
-    agent_of = {role: agents["policy"] if args.param_sharing else agents[role] for role in ROLES}
-    set_seed(args.run.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
-    preemption = Preemption()  # SIGTERM: stop the step, save the last completed one, exit with status 0
-    sampler = make_sampler(args, accelerator, path, tokenizer, preemption, stop_strings=(prompts.FINISH_FLAG,),
-                           max_model_len=args.vllm.max_model_len or args.max_context_length + args.max_completion_length)
-    logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.run.track, wandb_project=args.wandb.project,
-                       wandb_entity=args.wandb.entity, run_name=args.run.exp_name)
-    ckpt = Checkpointer(accelerator, run_dir, agents, tokenizer, args.run.keep_checkpoints, args.run.save_every,
-                        args.run.save_every_minutes)
-    guard = NonFiniteGuard(args.optim.max_skipped_steps, "rema_multiturn.py")  # skips steps with a NaN / inf gradient
+    rank, world = accelerator.process_index, accelerator.num_processes
+    names = ["policy"] if args.param_sharing else ROLES  # one shared policy, or one per agent
+    run = Run(args, accelerator, "rema_multiturn.py", {n: args.max_completion_length for n in names},
+              stop_strings=(prompts.FINISH_FLAG,),
+              max_model_len=args.vllm.max_model_len or args.max_context_length + args.max_completion_length)
+    agent_of = {role: run.agents["policy"] if args.param_sharing else run.agents[role] for role in ROLES}
+    sampler, task, train_set, state, G = run.sampler, run.task, run.train_set, run.state, args.num_generations
     steps_per_epoch = len(train_set) // args.rollout_batch_size
     assert steps_per_epoch >= 1, f"the train set ({len(train_set)} rows) is smaller than --rollout_batch_size"
-    state = ckpt.resume(args.run.resume, logger) or dict(step=0, evaluated_at=None)
-    # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
-    plan = {"memory": memory_plan.header(args, "multiturn", path, accelerator)} if world > 1 and main_proc else {}
-    progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc, header={
-        "run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
-        "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
-                   f"{'on' if args.mask_unfinished_reward else 'off'}, "
-                   f"stop on truncation {'on' if args.stop_when_truncated else 'off'}",
-        "update": f"GRPO, {args.num_mini_batches * args.num_iterations} optimizer step(s) per rollout"
-                  + (" (the PPO ratio stays 1)" if args.num_mini_batches * args.num_iterations == 1 else "")} | plan)
-    progress.expect(args.total_steps)
+    run.start(run_header(args, world), args.total_steps,
+              lambda: evaluate(run.eval_set, agent_of, sampler, task, args, accelerator), "multiturn")
 
-    def due_for_eval():  # at the start, every eval_every steps and at the end, once per step
-        every = args.run.eval_every and state["step"] % args.run.eval_every == 0
-        return state.get("evaluated_at") != state["step"] and (state["step"] == 0 or every)
-
-    try:
+    with run.session():  # the end: the last evaluation and checkpoint; SIGTERM: the last step saved, exit 0
         for step in range(state["step"], args.total_steps):  # one GRPO step per batch, over shuffled epochs
-            # ---- EVALUATION and CHECKPOINT of the last completed step (a resumed run never evaluates one twice) ----
-            if due_for_eval():
-                logger.log(progress.evaluated(evaluate, eval_set, agent_of, sampler, task, args, accelerator), state["step"])
-                state["evaluated_at"] = state["step"]
-            if state["step"] > 0 and ckpt.due(state["step"]):
-                ckpt.save(state)
-            preemption.check(accelerator)  # SIGTERM while that ran: stop here
+            run.between_steps()  # the last completed step's evaluation and checkpoint, when due
             roles = trained_roles(step, args)
             agent = agent_of[roles[0]]  # shared parameters: the same agent for both roles
             epoch, k = divmod(step, steps_per_epoch)  # the k-th batch of this epoch's order
@@ -605,52 +560,36 @@ def main(args: Args) -> None:
             random.Random(args.run.seed * 7919 + epoch).shuffle(perm)
             idx = perm[k * args.rollout_batch_size:(k + 1) * args.rollout_batch_size]
             # G trajectories per question, consecutive; the key seeds each trajectory's samples
-            G = args.num_generations
             items = [train_set[i] | {"key": (step, i, g)} for i in idx[rank::world] for g in range(G)]
-            sampler.times.clear()
-            t0 = time.time()
+            t0 = run.step_began()
 
             # ---- ROLLOUT: conversations and rewards ----
             trajs = rollout(items, agent_of, sampler, task, args, args.temperature, "rollout")
-            t_rollout, memory = time.time() - t0, peak_memory(accelerator, "rollout")  # CUDA: peak GiB so far
+            timing = run.rollout_done(t0)
 
             # ---- OLD LOG-PROBS -> ADVANTAGES -> UPDATE of the trained agent(s) on the conversations ----
-            metrics = learn(agent, roles, trajs, args, d, sampler, tokenizer, accelerator, autocast, guard, state["step"] + 1)
-            state["step"] += 1
-            state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
+            metrics = learn(agent, roles, trajs, args, d, sampler, run.tokenizer, accelerator, run.autocast, run.guard,
+                            state["step"] + 1)
 
             # ---- METRICS ----
-            metrics |= memory | peak_memory(accelerator, "update")
-            metrics |= {f"time/{k}": v for k, v in sampler.times.items()}
-            metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
-                        "time/training": progress.training_time(),
-                        "train/agent": float(ROLES.index(roles[0])) if len(roles) == 1 else -1.0,
-                        "train/skipped_steps": float(guard.skipped), "grader/timeouts": float(grader.num_timeouts if grader else 0)}
-            logger.log(metrics, state["step"])
-            if args.run.transcripts_every and state["step"] % args.run.transcripts_every == 0:
-                shows = [dict(question=tr.question, gold=tr.answer, finish=REASONS[tr.reason], reward=tr.reward,
-                              conversation=[{t.role: t.text} for t in tr.turns]) for tr in trajs[::args.num_generations]]
-                logger.log_transcripts(gather_object(shows[: args.run.num_transcripts])[: args.run.num_transcripts], state["step"])
-            progress.step(state["step"], {"rollout/reward": metrics["rollout/reward"], "turns": metrics["rollout/mean_turns"]})
-            if progress.time_is_up(accelerator, args.run.max_minutes):
+            metrics["train/agent"] = float(ROLES.index(roles[0])) if len(roles) == 1 else -1.0
+            shows = [dict(question=tr.question, gold=tr.answer, finish=REASONS[tr.reason], reward=tr.reward,
+                          conversation=[{t.role: t.text} for t in tr.turns]) for tr in trajs[::G]]
+            if not run.step_done(metrics, t0, timing, shows,
+                                 {"rollout/reward": metrics["rollout/reward"], "turns": metrics["rollout/mean_turns"]}):
                 break
-        if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
-            logger.log(progress.evaluated(evaluate, eval_set, agent_of, sampler, task, args, accelerator), state["step"])
-            state["evaluated_at"] = state["step"]
-            ckpt.save(state)
-            progress.finish(logger, ckpt)
-        elif main_proc:
-            print(f"{run_dir} had finished at step {state['step']}: nothing left to do")
-    except Preempted:  # SIGTERM: rollout and evaluation stop at once; the weights are the last step's
-        ckpt.save(state)
-        if main_proc:
-            print(f"SIGTERM: saved the checkpoint of step {state['step']} in {run_dir}; resume with --resume {run_dir}")
-    finally:
-        logger.close()
-        sampler.close()
-        if grader is not None:
-            grader.close()
-        accelerator.end_training()
+
+
+def run_header(args: Args, world: int) -> dict:
+    """What the run prints first: the run, its rollout and its update."""
+    sequences = args.rollout_batch_size * args.num_generations * (len(ROLES) if args.param_sharing else 1)
+    steps = update_sizes(sequences, args, world)[1] * args.num_iterations
+    return {"run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
+            "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
+                       f"{'on' if args.mask_unfinished_reward else 'off'}, "
+                       f"stop on truncation {'on' if args.stop_when_truncated else 'off'}",
+            "update": f"GRPO, {steps} optimizer step(s) per rollout" + (" (the PPO ratio stays 1)" if steps == 1 else "")
+                      + f" of {sequences} sequences; each step logs its own count (<prefix>/optimizer_steps)"}
 
 
 # ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
@@ -661,7 +600,7 @@ RANGES = {
     "num_generations": at_least(1), "max_turns": at_least(1), "max_completion_length": at_least(1),
     "max_context_length": at_least(1), "temperature": above(0), "epsilon": above(0), "epsilon_high": above(0),
     "dual_clip": above(1),  # it caps the loss of negative advantages at -A c
-    "log_ratio_cap": above(0), "num_iterations": at_least(1), "num_mini_batches": at_least(1),
+    "log_ratio_cap": above(0), "num_iterations": at_least(1), "mini_batch_size": at_least(1),
     "micro_batch_size": at_least(1),
 }
 
@@ -686,17 +625,13 @@ def validate(args: Args, accelerator) -> None:
 
     B, G = args.rollout_batch_size, args.num_generations
     need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
-    need(G >= 1 and args.micro_batch_size >= 1, "--num_generations and --micro_batch_size must be >= 1")
-    need(args.max_turns >= 1 and args.max_completion_length >= 1, "--max_turns and --max_completion_length must be >= 1")
-    need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
     need(not args.one_shot or args.data.task == "math", "--one_shot is a worked math example; the judge task has none")
     need(args.clip_mode == "turn" or args.ratio_form == "geometric",
          "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
-    need(args.switch_freq >= 1, "--switch_freq must be >= 1")
-    per_rank = B // world * G * (len(ROLES) if args.param_sharing else 1)
-    need(args.num_mini_batches >= 1 and per_rank >= args.num_mini_batches,
-         f"--num_mini_batches {args.num_mini_batches} needs at least that many sequences per process ({per_rank}): "
-         f"raise --rollout_batch_size or lower --num_mini_batches")
+    sequences = B * G * (len(ROLES) if args.param_sharing else 1)  # trained per step: one per (trajectory, role)
+    need(args.mini_batch_size is None or (args.mini_batch_size % world == 0 and sequences % args.mini_batch_size == 0),
+         f"--mini_batch_size {args.mini_batch_size} must divide rollout_batch_size x num_generations x trained roles "
+         f"({sequences}) and be a multiple of the number of processes")
 
 
 if __name__ == "__main__":

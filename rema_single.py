@@ -48,29 +48,23 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Literal, NamedTuple
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 
-from utils import memory_plan
-from utils.batch import collate, select
-from utils.checkpoint import Checkpointer
+from utils.batch import collate, select, update_sizes
 from utils.config import (Annotated, DataArgs, FilterArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs,
-                          ModelArgs, OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli,
-                          warn_if_scales_mix)
+                          ModelArgs, OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, peak_memory, reduce_sums, shard
-from utils.faults import NonFiniteGuard, Preempted, Preemption
-from utils.grading import Grader
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
 from utils.logprobs import completion_logprobs
-from utils.models import build_agents, load_tokenizer, resolve_model, training_autocast
 from utils.presets import single_turn
-from utils.sampling import importance_weights, make_sampler, sampler_logprobs
+from utils.run import Run
+from utils.sampling import importance_weights, sampler_logprobs
 from utils.task import TASKS
-from utils.tracking import RunLogger, RunProgress
+from utils.tracking import update_metrics
 from utils.validate import above, at_least, check_ranges, refuse
 
 AGENTS = {"rema": ["meta_thinking", "reasoning"], "vrp": ["policy"], "mrp": ["policy"]}
@@ -414,8 +408,8 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
                                                  micro.get("ref_logp") if d.loss_beta > 0 else None, d.loss_beta,
                                                  micro.get("is_weight"), args.dual_clip)
     loss = aggregate(token_loss, m, args.loss_type, norm)
-    stats = dict(loss=loss.item(), clip_low=low.sum().item(), clip_high=high.sum().item(),
-                 entropy=(entropy * m).sum().item(), tokens=m.sum().item())
+    stats = dict(loss=loss.item(), clip_low=low.sum().item(), clip_high=high.sum().item(), tokens=m.sum().item(),
+                 entropy=(entropy * m).sum().item(), log_ratio=((logp.detach() - old_logp).abs() * m).sum().item())
     if "ref_logp" in micro:
         log_ratio = (micro["ref_logp"] - logp.detach()) * m
         stats["kl"] = ((torch.exp(log_ratio) - log_ratio - 1) * m).sum().item()
@@ -423,15 +417,6 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
 
 
 # ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
-def update_sizes(num_sequences: int, args, world: int) -> tuple[int, int]:
-    """(sequences per optimizer step on each process, optimizer steps per PPO epoch) for an update on num_sequences
-    sequences over all processes: --mini_batch_size per step, or all of them in one step. Called on the batch that
-    is actually trained, so a fork that trains a larger batch gets more steps and a recomputed pi_old, not a silent
-    ratio of 1."""
-    mini_batch = args.mini_batch_size or num_sequences
-    return mini_batch // world, math.ceil(num_sequences / mini_batch)
-
-
 @torch.no_grad()
 def old_and_ref_logprobs(agent, batch: dict, old: bool, reference: bool, args, autocast) -> None:
     """pi_old (the policy that sampled, recomputed by the trainer; docs/algorithm.md §5) / pi_ref into batch: (N, C)."""
@@ -489,7 +474,8 @@ def step_metrics(agent, rollout: dict, mask, sums: dict, is_stats: dict, G: int,
     """The step's metrics over the global batch (TRL's names, under the agent's prefix)."""
     rewards, lengths = torch.tensor(rollout["rewards"]), mask.sum(-1)
     r_group = rewards.view(-1, G)
-    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "entropy", "tokens", "kl", "grad_norm", "steps")}
+    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "entropy", "tokens", "kl", "grad_norm", "steps",
+                                          "log_ratio")}
     local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
         "r_sum": rewards.sum(), "r_sq": (rewards**2).sum(), "n": len(rewards), "len_sum": lengths.sum(),
         "truncated": sum(c.truncated for c in rollout["completions"]), "groups": len(r_group),
@@ -497,22 +483,13 @@ def step_metrics(agent, rollout: dict, mask, sums: dict, is_stats: dict, G: int,
         "n_correct": len(rollout["correct"])}
     s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
     all_lengths = accelerator.gather(lengths)  # (N * world,)
-    tok, n, steps, p = max(s["tokens"], 1.0), s["n"], max(s["steps"], 1.0), PREFIX[agent.name]
+    tok, n, p = max(s["tokens"], 1.0), s["n"], PREFIX[agent.name]
     metrics = {f"{p}/reward": s["r_sum"] / n, f"{p}/reward_std": math.sqrt(max(s["r_sq"] / n - (s["r_sum"] / n) ** 2, 0.0)),
                f"{p}/frac_reward_zero_std": s["zero_std"] / s["groups"], f"{p}/accuracy": s["correct"] / s["n_correct"],
                f"{p}/completions/mean_length": s["len_sum"] / n, f"{p}/completions/min_length": all_lengths.min().item(),
-               f"{p}/completions/max_length": all_lengths.max().item(), f"{p}/completions/clipped_ratio": s["truncated"] / n,
-               f"{p}/clip_ratio/low_mean": s["clip_low"] / tok, f"{p}/clip_ratio/high_mean": s["clip_high"] / tok,
-               f"{p}/clip_ratio/region_mean": (s["clip_low"] + s["clip_high"]) / tok, f"{p}/entropy": s["entropy"] / tok,
-               f"{p}/loss": s["loss"] / (accelerator.num_processes * steps),  # mean over the applied optimizer steps
-               f"{p}/grad_norm": s["grad_norm"] / steps,
-               f"{p}/optimizer_steps": s["steps"] / accelerator.num_processes,  # applied, on each process
-               f"{p}/learning_rate": agent.optimizer.param_groups[0]["lr"]}
-    if "kl" in sums:
-        metrics[f"{p}/kl"] = s["kl"] / tok
-    if s["is_units"] > 0:
-        metrics |= {"vllm/is_weight_mean": s["is_weight"] / s["is_units"], "vllm/is_capped_frac": s["is_over_cap"] / s["is_units"]}
-    return metrics
+               f"{p}/completions/max_length": all_lengths.max().item(), f"{p}/completions/clipped_ratio": s["truncated"] / n}
+    metrics |= update_metrics(p, s, agent.optimizer.param_groups[0]["lr"], accelerator.num_processes)
+    return metrics | ({f"{p}/kl": s["kl"] / tok} if "kl" in sums else {})
 
 
 def learn(agent, rollout: dict, args, d: Derived, sampler, tokenizer, accelerator, autocast, guard, step: int) -> dict:
@@ -612,59 +589,19 @@ def evaluate(eval_set, agents, sampler, task, args, accelerator) -> dict:
 def main(args: Args) -> None:
     accelerator = make_accelerator(find_unused_parameters=args.lm.param_mode == "lora")  # the idle adapter gets no grad
     d = derive(args, accelerator)  # every derived size and choice, decided once
-    rank, world, main_proc = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    run_dir = Path(args.run.output_dir) / args.run.exp_name
-    autocast = training_autocast(accelerator.device, args.lm.bf16)
-
-    # ---- data, agents and plumbing ----
-    with accelerator.local_main_process_first():  # the GGUF -> safetensors conversion: once per node
-        path = resolve_model(args.lm.model)
-    tokenizer = load_tokenizer(path)
-    grader = Grader(args.grading.timeout, args.grading.workers, args.grading.grader) if args.data.task == "math" else None
-    task = TASKS[args.data.task](tokenizer, grader, args.one_shot)
-    train_set, eval_set = task.load(args)
+    rank, world = accelerator.process_index, accelerator.num_processes
     names = AGENTS[args.mode]
     lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
                "policy": args.reas_max_completion_length}
-    agents = build_agents(args, accelerator, path, {n: lengths[n] for n in names}, reference=args.beta > 0)
-    warn_if_scales_mix(args, next(iter(agents.values())).unwrapped, world, "rema_single.py")
-    set_seed(args.run.seed, device_specific=True)  # the global RNGs (mini-batch order); samples use seeded streams
-    preemption = Preemption()  # SIGTERM: stop the step, save the last completed one, exit with status 0
-    sampler = make_sampler(args, accelerator, path, tokenizer, preemption, max_model_len=args.vllm.max_model_len)
-    logger = RunLogger(run_dir, asdict(args), enabled=main_proc, track=args.run.track, wandb_project=args.wandb.project,
-                       wandb_entity=args.wandb.entity, run_name=args.run.exp_name)
-    ckpt = Checkpointer(accelerator, run_dir, agents, tokenizer, args.run.keep_checkpoints, args.run.save_every,
-                        args.run.save_every_minutes)
-    guard = NonFiniteGuard(args.optim.max_skipped_steps, "rema_single.py")  # skips steps with a NaN / inf gradient
+    run = Run(args, accelerator, "rema_single.py", {n: lengths[n] for n in names}, reference=args.beta > 0,
+              initial_state=dict(phase=0, epoch=0, batch=0, dataset=None), max_model_len=args.vllm.max_model_len)
+    agents, sampler, task, train_set, state = run.agents, run.sampler, run.task, run.train_set, run.state
     phases = schedule_phases(names, args.schedule, args.num_update_iterations, args.first_agent, args.total_steps,
                              args.switch_freq)
-    state = ckpt.resume(args.run.resume, logger) or dict(step=0, phase=0, epoch=0, batch=0, dataset=None, evaluated_at=None)
-    # several processes: does the run fit its GPUs? (utils/memory_plan.py; the full table: python -m utils.memory_plan)
-    plan = {"memory": memory_plan.header(args, "single", path, accelerator)} if world > 1 and main_proc else {}
-    progress = RunProgress(run_dir, state["step"], state.get("training_seconds", 0.0), enabled=main_proc,
-                           header=run_header(args, d, names, phases) | plan)
-    progress.expect(args.total_steps if args.schedule == "switch" else  # each phase: at most its whole pool kept
-                    [phase_steps(n, args.prompt_filter.pool_size or len(train_set), args) for n in phases])
-
-    def due_for_eval():  # at the start, every eval_every steps and at the end, once per step
-        every = args.run.eval_every and state["step"] % args.run.eval_every == 0
-        return state.get("evaluated_at") != state["step"] and (state["step"] == 0 or every)
-
-    checked, phase_ended = None, False  # (step, phase_ended) last checked here; did the last step end a phase?
-
-    def between_steps() -> None:
-        """The last completed step's evaluation and checkpoint, when due (a resumed run never evaluates one twice),
-        once per step; `state` holds the position of the next step, where a resumed run starts."""
-        nonlocal checked
-        if checked == (state["step"], phase_ended):  # (a phase's first step: checked before its filtering)
-            return
-        if due_for_eval():
-            logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
-            state["evaluated_at"] = state["step"]
-        if state["step"] > 0 and ckpt.due(state["step"], phase_ended):
-            ckpt.save(state)
-        checked = (state["step"], phase_ended)
-        preemption.check(accelerator)  # SIGTERM while that ran: stop here
+    run.start(run_header(args, d, names, phases),
+              args.total_steps if args.schedule == "switch" else  # each phase: at most its whole pool kept
+              [phase_steps(n, args.prompt_filter.pool_size or len(train_set), args) for n in phases],
+              lambda: evaluate(run.eval_set, agents, sampler, task, args, accelerator), "single")
 
     def train_step(agent, dataset: list[dict], order: list[int], batch: int, phase: int) -> bool:
         """One step on batch `batch` of `order`: rollout -> rewards -> advantages -> update -> log. False when
@@ -674,52 +611,41 @@ def main(args: Args) -> None:
         if not idx:  # (fewer items left in the epoch than processes)
             return True
         items = [dataset[i] | {"uid": i} for i in idx[rank::world]]  # uid: keys the samples' random streams
-        sampler.times.clear()
-        t0 = time.time()
+        t0 = run.step_began()
 
         # ---- ROLLOUT: samples and rewards ----
         if agent.name == "meta_thinking":
             rollout = rollout_meta(items, agent, agents, sampler, task, args, state["step"], d.K)
         else:
             rollout = rollout_reasoning(items, agent, agents, sampler, task, args, state["step"])
-        t_rollout, memory = time.time() - t0, peak_memory(accelerator, "rollout")  # CUDA: peak GiB so far
+        timing = run.rollout_done(t0)
 
         # ---- OLD LOG-PROBS -> ADVANTAGES -> UPDATE of the agent on its rollout ----
-        metrics = learn(agent, rollout, args, d, sampler, tokenizer, accelerator, autocast, guard, state["step"] + 1)
-        state["step"] += 1
-        state["training_seconds"] = progress.training_time()  # saved with the step: --max_minutes spans resumes
+        metrics = learn(agent, rollout, args, d, sampler, run.tokenizer, accelerator, run.autocast, run.guard,
+                        state["step"] + 1)
 
         # ---- METRICS ----
-        metrics |= memory | peak_memory(accelerator, "update")
-        metrics |= {f"time/{k}": v for k, v in sampler.times.items()} | (state.pop("filter_stats", None) or {})
-        metrics |= {"time/rollout": t_rollout, "time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
-                    "time/training": progress.training_time(), "train/agent": float(names.index(agent.name)),
-                    "train/phase": float(phase), "train/skipped_steps": float(guard.skipped),
-                    "grader/timeouts": float(grader.num_timeouts if grader else 0)}
-        logger.log(metrics, state["step"])
-        if args.run.transcripts_every and state["step"] % args.run.transcripts_every == 0:
-            shows = gather_object(rollout["shows"][: args.run.num_transcripts])
-            logger.log_transcripts(shows[: args.run.num_transcripts], state["step"])
-        progress.step(state["step"], {k: v for k, v in metrics.items() if k.endswith("/reward")})
-        return not progress.time_is_up(accelerator, args.run.max_minutes)
+        metrics |= (state.pop("filter_stats", None) or {}) | {"train/agent": float(names.index(agent.name)),
+                                                              "train/phase": float(phase)}
+        return run.step_done(metrics, t0, timing, rollout["shows"], {k: v for k, v in metrics.items() if k.endswith("/reward")})
 
     def algorithm_1() -> None:
         """Per round, each agent in turn: its dataset (D_l / D_h, App. D.1), then epochs of batches. A resumed run
         enters these loops at its saved (phase, epoch, batch)."""
-        nonlocal phase_ended
+        phase_ended = False  # did the last step end a phase? (its checkpoint is due)
         for phase in range(state["phase"], len(phases)):
-            between_steps()  # before this phase's filtering: the checkpoint at the end of the last phase
+            run.between_steps(phase_ended)  # before this phase's filtering: the checkpoint at the end of the last phase
             agent = agents[phases[phase]]
             if state["dataset"] is None:  # ---- PROMPT FILTERING: D_l / D_h for this phase (App. D.1) ----
                 t0 = time.time()
                 dataset, fstats = build_dataset(agent.name, phase, train_set, agents, sampler, task, args, accelerator)
                 state["dataset"], state["filter_stats"] = dataset, fstats | {"time/filter": time.time() - t0}
-                progress.phase(phase, agent.name, fstats, phase_steps(agent.name, len(dataset), args, built=True))
+                run.progress.phase(phase, agent.name, fstats, phase_steps(agent.name, len(dataset), args, built=True))
             dataset = state["dataset"]
             for epoch in range(state["epoch"], args.num_train_epochs):
                 order = epoch_order(len(dataset), state, args)
                 for batch in range(state["batch"], math.ceil(len(dataset) / args.rollout_batch_size)):
-                    between_steps()
+                    run.between_steps(phase_ended)
                     go_on = train_step(agent, dataset, order, batch, phase)
                     state["batch"], phase_ended = batch + 1, False  # the next step's position
                     if not go_on:
@@ -730,34 +656,17 @@ def main(args: Args) -> None:
     def switch_schedule() -> None:
         """The official code's schedule: blocks of switch_freq steps, the agents in turn, over epochs of the whole
         (unfiltered) train set that run on across the blocks."""
-        nonlocal phase_ended
+        phase_ended = False
         while state["phase"] < len(phases):
-            between_steps()
+            run.between_steps(phase_ended)
             batch, phase, order = state["batch"], state["phase"], epoch_order(len(train_set), state, args)
             go_on = train_step(agents[phases[phase]], train_set, order, batch, phase)
             phase_ended = advance(state, len(train_set), args)  # the next step's position
             if not go_on:
                 return
 
-    try:
+    with run.session():  # the end: the last evaluation and checkpoint; SIGTERM: the last step saved, exit 0
         algorithm_1() if args.schedule == "alternate" else switch_schedule()
-        if state.get("evaluated_at") != state["step"]:  # the end (a resumed run that had finished is not evaluated twice)
-            logger.log(progress.evaluated(evaluate, eval_set, agents, sampler, task, args, accelerator), state["step"])
-            state["evaluated_at"] = state["step"]
-            ckpt.save(state)
-            progress.finish(logger, ckpt)
-        elif main_proc:
-            print(f"{run_dir} had finished at step {state['step']}: nothing left to do")
-    except Preempted:  # SIGTERM: rollout, filtering and evaluation stop at once; the weights are the last step's
-        ckpt.save(state)
-        if main_proc:
-            print(f"SIGTERM: saved the checkpoint of step {state['step']} in {run_dir}; resume with --resume {run_dir}")
-    finally:
-        logger.close()
-        sampler.close()
-        if grader is not None:
-            grader.close()
-        accelerator.end_training()
 
 
 # ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
@@ -796,7 +705,6 @@ def validate(args: Args, accelerator) -> None:
 
     B, G, f = args.rollout_batch_size, args.num_generations, args.prompt_filter
     need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
-    need(G >= 1 and args.micro_batch_size >= 1, "--num_generations and --micro_batch_size must be >= 1")
     need(args.advantage_estimator in ESTIMATORS, f"--advantage_estimator must be one of {', '.join(ESTIMATORS)}")
     need(not ESTIMATORS[args.advantage_estimator].needs_group or G >= 2,
          f"--advantage_estimator {args.advantage_estimator} compares samples within a group: use --num_generations >= 2")
@@ -808,7 +716,6 @@ def validate(args: Args, accelerator) -> None:
     need(0 <= f.eps_min <= f.eps_max <= 1, "need 0 <= --prompt_filter.eps_min <= --prompt_filter.eps_max <= 1")
     need(not (args.schedule == "switch" and args.filter),
          "--schedule switch follows the official code, which has no prompt filtering: add --no-filter")
-    need(args.temperature > 0, "--temperature must be > 0 for RL rollouts (evaluation is always greedy)")
     need(args.mini_batch_size is None or (args.mini_batch_size % world == 0 and B * G % args.mini_batch_size == 0),
          f"--mini_batch_size {args.mini_batch_size} must divide rollout_batch_size x num_generations ({B * G}) and be "
          "a multiple of the number of processes")

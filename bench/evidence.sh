@@ -65,7 +65,7 @@ MT_F32=(--no-bf16)
 multiturn_rl() {  # multiturn_rl <model> <lr> <max minutes> <output dir> <name>: RL with the paper's format reward
   $PY rema_multiturn.py --model "$1" "${MT_TASK[@]}" "${MT_LIMITS[@]}" "${MT_F32[@]}" --mask_unfinished_reward --stop_when_truncated \
     --no-one_shot \
-    --temperature 1.0 --learning_rate "$2" --num_mini_batches 1 --no-gradient_checkpointing --total_steps 30 \
+    --temperature 1.0 --learning_rate "$2" --no-gradient_checkpointing --total_steps 30 \
     --max_minutes "$3" --eval_every 5 --eval_limit 50 --transcripts_every 5 --output_dir "$4" --exp_name "$5"
 }
 

@@ -206,5 +206,8 @@ def test_fork6_both_agents_learn_from_every_rollout(tmp_path, tiny_model):
     steps = [r for r in metrics(run_dir) if "meta/reward" in r]
     assert len(steps) == 2
     assert all(r["meta/optimizer_steps"] == 1 and r["reas/optimizer_steps"] == 2 for r in steps)
+    # the RA's second step saw the weights its first changed, against a recomputed pi_old (not recomputed, the ratio
+    # would be exactly 1); the MTA's single step trains on pi_old = the policy itself
+    assert all(r["meta/log_ratio_abs_mean"] == 0 and r["reas/log_ratio_abs_mean"] > 0 for r in steps)
     ckpt = find_checkpoint(run_dir)
     assert changed_tensors(tiny_model, ckpt / "meta_thinking") > 0 and changed_tensors(tiny_model, ckpt / "reasoning") > 0

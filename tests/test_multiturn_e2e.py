@@ -24,7 +24,7 @@ TINY = ["--rollout_batch_size", "4", "--num_generations", "4", "--max_turns", "2
         "--learning_rate", "1e-3", "--weight_decay", "0", "--micro_batch_size", "8",
         # the update and reward these tests were written for (the cpu preset's values before it took the example
         # exchange): 4 optimizer steps per rollout, so pi_old is recomputed and the ratio clipped; no mask
-        "--num_mini_batches", "4", "--no-one_shot", "--no-mask_unfinished_reward", "--no-stop_when_truncated"]
+        "--mini_batch_size", "8", "--no-one_shot", "--no-mask_unfinished_reward", "--no-stop_when_truncated"]
 REASONS = ("normal", "max_turns", "context_exceeded", "truncated")
 
 
@@ -88,7 +88,7 @@ def test_shared_parameters_turn_ratio_with_reward_mask(tmp_path, copy_task):
 
 def test_separate_parameters_switch_agents(tmp_path, copy_task):
     # two steps per agent: a step whose 4 groups all got equal rewards (likely: 1 answer in 9 is right) has no gradient
-    run_dir = run(tmp_path, copy_task, "--no-param_sharing", "--param_mode", "lora", "--switch_freq", "2",
+    run_dir = run(tmp_path, copy_task, "--no-param_sharing", "--mini_batch_size", "4", "--param_mode", "lora", "--switch_freq", "2",
                   "--learning_rate", "1e-2", "--total_steps", "4")
     rows = metrics(run_dir)
     assert [r["train/agent"] for r in rows if "train/agent" in r] == [0.0, 0.0, 1.0, 1.0]  # MTA, MTA, RA, RA
@@ -99,7 +99,7 @@ def test_separate_parameters_switch_agents(tmp_path, copy_task):
 
 
 def test_token_ratio_token_mean_one_step_per_rollout(tmp_path, copy_task):
-    run_dir = run(tmp_path, copy_task, "--clip_mode", "token", "--agg_mode", "token", "--num_mini_batches", "1",
+    run_dir = run(tmp_path, copy_task, "--clip_mode", "token", "--agg_mode", "token", "--mini_batch_size", "32",
                   "--num_iterations", "2", "--no-stop_when_truncated")
     assert_sane(metrics(run_dir))
     assert changed_tensors(copy_task[0], find_checkpoint(run_dir) / "policy") > 0

@@ -51,7 +51,8 @@ def test_paper_multi_turn_values():
     args = with_overrides(mt.Args(), overrides_of(multi_turn(), "paper-qwen2.5-7b"))
     assert (args.rollout_batch_size, args.num_generations, args.max_turns) == (128, 16, 30)
     assert (args.max_completion_length, args.max_context_length, args.temperature) == (512, 4096, 1.0)
-    assert args.mask_unfinished_reward and args.stop_when_truncated and args.num_mini_batches == 4
+    assert args.mask_unfinished_reward and args.stop_when_truncated
+    assert mt.update_sizes(128 * 16 * 2, args, 8) == (128, 4)  # 4 optimizer steps per rollout, on 8 processes
     assert (args.optim.learning_rate, args.optim.weight_decay, args.total_steps) == (1e-6, 0.01, 500)
     assert not args.one_shot  # the paper's prompts: its model learned the protocol by SFT (sft.py)
 

@@ -1,8 +1,11 @@
 """Training tensors from token ids: [prompt, left-padded | completion, right-padded] batches.
 
 Masks come from the lengths of what was sampled, never from pad ids, so a pad token equal to the end-of-turn
-token (as in SmolLM2) cannot hide a sampled end-of-turn token from the loss.
+token (as in SmolLM2) cannot hide a sampled end-of-turn token from the loss. `update_sizes`: how the trained
+batch splits into optimizer steps (`--mini_batch_size`, the same option in both training scripts).
 """
+
+import math
 
 import torch
 
@@ -45,3 +48,12 @@ def select(batch: dict, idx: torch.Tensor) -> dict:
     # (N, C); 1-D tensors are per sequence (N,)
     full = ("input_ids", "attention_mask", "position_ids")
     return {k: v[:, first : P + last_c] if k in full else v[:, :last_c] if v.dim() == 2 else v for k, v in sub.items()}
+
+
+def update_sizes(num_sequences: int, args, world: int) -> tuple[int, int]:
+    """(sequences per optimizer step on each process, optimizer steps per PPO epoch) for an update on num_sequences
+    sequences over all processes: --mini_batch_size per step, or all of them in one step. Called on the batch that
+    is actually trained, so a fork that trains a larger batch gets more steps and a recomputed pi_old, not a silent
+    ratio of 1."""
+    mini_batch = args.mini_batch_size or num_sequences
+    return mini_batch // world, math.ceil(num_sequences / mini_batch)

@@ -62,7 +62,7 @@ def multi_turn() -> dict[str, tuple[str, dict]]:
                              MATH_LV3TO5 | {"lm.model": "runs/sft_qwen7b/model", "rollout_batch_size": 128, "num_generations": 16,
                                      "max_turns": 30, "max_completion_length": 512, "max_context_length": 4096,
                                      "mask_unfinished_reward": True, "stop_when_truncated": True, "temperature": 1.0,
-                                     "optim.learning_rate": 1e-6, "optim.weight_decay": 0.01, "num_mini_batches": 4,
+                                     "optim.learning_rate": 1e-6, "optim.weight_decay": 0.01, "mini_batch_size": 1024,
                                      "micro_batch_size": 4, "total_steps": 500, "generation.backend": "vllm",
                                      "run.eval_every": 10, "run.save_every": 10, "one_shot": False,
                                      "lm.gradient_checkpointing": True}),

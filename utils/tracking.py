@@ -178,3 +178,20 @@ class RunProgress:
         print(f"done: {change} (step 0 -> {self.done}) in {self.elapsed() / 60:.1f} min; checkpoint "
               f"{checkpoint.run_dir}/checkpoints/step_{checkpoint.saved_step:06d} (--resume {self.run_dir}; eval.py --model "
               f"<checkpoint>/<agent>){noise}")
+
+
+def update_metrics(p: str, s: dict[str, float], learning_rate: float, world: int, per: str = "tokens") -> dict:
+    """A PPO update's metrics under prefix p (TRL's names), from its statistics summed over the processes (s): the
+    clip ratios per clipped unit (s[per]: tokens, or turns under the turn-level ratio), the entropy and |log pi/pi_old|
+    per token, the loss and gradient norm per applied optimizer step, the steps each process applied, and with vLLM the importance
+    weights against its samples."""
+    units, tok, steps = max(s[per], 1.0), max(s["tokens"], 1.0), max(s["steps"], 1.0)
+    out = {f"{p}/clip_ratio/low_mean": s["clip_low"] / units, f"{p}/clip_ratio/high_mean": s["clip_high"] / units,
+           f"{p}/clip_ratio/region_mean": (s["clip_low"] + s["clip_high"]) / units, f"{p}/entropy": s["entropy"] / tok,
+           f"{p}/log_ratio_abs_mean": s["log_ratio"] / tok,  # exactly 0 while pi_old is the policy (ratio 1)
+           f"{p}/loss": s["loss"] / (world * steps),  # mean over the applied optimizer steps
+           f"{p}/grad_norm": s["grad_norm"] / steps, f"{p}/optimizer_steps": s["steps"] / world,  # on each process
+           f"{p}/learning_rate": learning_rate}
+    if s["is_units"] > 0:
+        out |= {"vllm/is_weight_mean": s["is_weight"] / s["is_units"], "vllm/is_capped_frac": s["is_over_cap"] / s["is_units"]}
+    return out
