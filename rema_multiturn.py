@@ -582,7 +582,7 @@ def main(args: Args) -> None:
 
 def run_header(args: Args, world: int) -> dict:
     """What the run prints first: the run, its rollout and its update."""
-    sequences = args.rollout_batch_size * args.num_generations * (len(ROLES) if args.param_sharing else 1)
+    sequences = args.rollout_batch_size * args.num_generations * len(trained_roles(0, args))  # one per (trajectory, role)
     steps = update_sizes(sequences, args, world)[1] * args.num_iterations
     return {"run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
             "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
@@ -628,7 +628,7 @@ def validate(args: Args, accelerator) -> None:
     need(not args.one_shot or args.data.task == "math", "--one_shot is a worked math example; the judge task has none")
     need(args.clip_mode == "turn" or args.ratio_form == "geometric",
          "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
-    sequences = B * G * (len(ROLES) if args.param_sharing else 1)  # trained per step: one per (trajectory, role)
+    sequences = B * G * len(trained_roles(0, args))  # trained per step: one per (trajectory, trained role)
     need(args.mini_batch_size is None or (args.mini_batch_size % world == 0 and sequences % args.mini_batch_size == 0),
          f"--mini_batch_size {args.mini_batch_size} must divide rollout_batch_size x num_generations x trained roles "
          f"({sequences}) and be a multiple of the number of processes")

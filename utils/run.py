@@ -4,12 +4,15 @@ checkpoints, the guard against non-finite steps and SIGTERM, the held-out evalua
 timings and the end of the run.
 
     run = Run(args, accelerator, "rema_single.py", lengths)   # everything loaded; run.state: where to start
-    run.start(header, expected_steps, evaluate)                 # the header, the progress bar, the evaluation to run
+    run.start(header, expected_steps, evaluate, "single")       # the header, the progress bar, the evaluation to run
     with run.session():                                         # SIGTERM: save the last step; the end: evaluate, save
         for ...:
             run.between_steps()                                 # the evaluation and checkpoint due after the last step
-            ... rollout -> rewards -> advantages -> update ...
-            if not run.step_done(metrics, timing, shows, shown):  # False when --max_minutes is up
+            t0 = run.step_began()                               # the step's timers reset
+            ... rollout -> rewards ...
+            timing = run.rollout_done(t0)
+            ... advantages -> update -> metrics ...
+            if not run.step_done(metrics, t0, timing, shows, shown):  # False when --max_minutes is up
                 break
 """
 
@@ -103,17 +106,19 @@ class Run:
         """After a step's rollout: its time and (CUDA) the peak memory so far."""
         return {"time/rollout": time.time() - t0} | peak_memory(self.accelerator, "rollout")
 
-    def step_done(self, metrics: dict, t0: float, rollout: dict, shows: list[dict], shown: dict[str, float]) -> bool:
+    def step_done(self, metrics: dict, t0: float, timing: dict, shows: list[dict], shown: dict[str, float]) -> bool:
         """After a step's update: the position advances (with the training time, so --max_minutes spans resumes);
         the step's metrics, with its timings and counters, and every --transcripts_every steps a few transcripts
-        (`shows`, this process's) are logged; `shown` goes beside the progress bar. False when --max_minutes is up."""
+        (`shows`, this process's) are logged; `shown` goes beside the progress bar; t0 and timing: from step_began() and
+        rollout_done(). False when --max_minutes is up."""
         state, args, progress = self.state, self.args, self.progress
         state["step"] += 1
         state["training_seconds"] = progress.training_time()
         metrics |= peak_memory(self.accelerator, "update") | {f"time/{k}": v for k, v in self.sampler.times.items()}
-        metrics |= rollout | {"time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
-                              "time/training": progress.training_time(), "train/skipped_steps": float(self.guard.skipped),
-                              "grader/timeouts": float(self.grader.num_timeouts if self.grader else 0)}
+        metrics |= timing | {"time/step": time.time() - t0, "time/elapsed": progress.elapsed(),
+                             "time/training": progress.training_time(),
+                             "train/skipped_steps": float(self.guard.skipped),
+                             "grader/timeouts": float(self.grader.num_timeouts if self.grader else 0)}
         self.logger.log(metrics, state["step"])
         if args.run.transcripts_every and state["step"] % args.run.transcripts_every == 0:
             n = args.run.num_transcripts
