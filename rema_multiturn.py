@@ -8,8 +8,8 @@ Shared parameters (the paper's multi-turn setup): one model plays both agents, t
 and each trajectory gives two training sequences, the conversation as each agent saw it, trained on that agent's
 own turns. Reward (docs/algorithm.md §10): both agents get the correctness of the RA's final answer; with
 `mask_unfinished_reward` it is 0 unless the MTA finished the conversation itself. Advantages (§11): GRPO over the
-G trajectories of each question. Loss (§12): PPO with the turn-level ratio of Eq. 13, one ratio per turn, clipped
-per turn:
+G trajectories of each question (`--advantage_estimator`: also RLOO or REINFORCE++, as in rema_single.py). Loss
+(§12): PPO with the turn-level ratio of Eq. 13, one ratio per turn, clipped per turn:
     rho_{s,t} = exp(min(mean_{j in turn} log(pi/pi_old)_j, L))      (official code; Eq. 13's arithmetic mean: option)
     l_{s,t}   = max(-A rho, -A clip(rho, 1-eps, 1+eps)),  and min(l, -A c) when A < 0 (dual clip)
     J         = mean over sequences s of the mean over their turns t of l_{s,t}                          (Eq. 12)
@@ -47,7 +47,7 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from accelerate.utils import gather_object
@@ -57,13 +57,13 @@ from utils.batch import collate, select, update_sizes
 from utils.config import (Annotated, DataArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs, ModelArgs,
                           OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
-from utils.logprobs import completion_logprobs
+from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, shard
+from utils.logprobs import completion_logprobs, old_and_ref_logprobs
 from utils.presets import multi_turn
-from utils.run import Run
+from utils.run import Run, multi_turn_header
 from utils.sampling import importance_weights
-from utils.tracking import update_metrics
-from utils.validate import above, at_least, check_ranges, refuse
+from utils.tracking import multi_turn_step_metrics
+from utils.validate import TWIN_RANGES, above, at_least, check_ranges, check_twin_options, requirement
 
 ROLES = ["meta_thinking", "reasoning"]  # the MTA always speaks first
 PREFIX = {"meta_thinking": "meta", "reasoning": "reas"}
@@ -107,8 +107,10 @@ class Args:
     """rollout sampling temperature (paper 1.0; at 1.0 the 135M default answers 3% of a + b right over two turns,
     at 0.7 19%); evaluation is greedy"""
     # ---- optimisation ----
+    advantage_estimator: str = "grpo"
+    """one of ESTIMATORS: grpo (group mean / std; paper), rloo (leave-one-out), reinforce_pp (batch-whitened rewards)"""
     scale_rewards: bool = True
-    """GRPO: divide by the group std (Dr. GRPO turns this off)"""
+    """grpo: divide by the group std (Dr. GRPO turns this off)"""
     clip_mode: Literal["turn", "token"] = "turn"
     """turn: one ratio per turn (paper's Turn-Ratio); token: one ratio per token (Fig. 6 Token-Ratio ablation)"""
     ratio_form: Literal["geometric", "arithmetic"] = "geometric"
@@ -157,6 +159,8 @@ class Args:
 # ---- DERIVED: every size and choice that follows from the options, decided once (validate(): SETUP, at the end) ------
 @dataclass(frozen=True)
 class Derived:
+    sequences: int  # trained per step: one per (trajectory, trained role)
+    steps_per_rollout: int  # optimizer steps per PPO epoch on them (the header's count)
     recompute_old: bool  # pi_old recomputed before every update (vLLM samples need it; more than one optimizer step
     # per rollout also needs it: decided per update from the batch, see update_sizes)
     eps_high: float  # upper clip range
@@ -166,7 +170,9 @@ class Derived:
 def derive(args: Args, accelerator) -> Derived:
     validate(args, accelerator)
     vllm = args.generation.backend == "vllm"
-    return Derived(recompute_old=args.num_iterations > 1 or vllm,
+    sequences = args.rollout_batch_size * args.num_generations * len(trained_roles(0, args))
+    _, steps = update_sizes(sequences, args, accelerator.num_processes)
+    return Derived(sequences=sequences, steps_per_rollout=steps, recompute_old=args.num_iterations > 1 or vllm,
                    eps_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
                    is_mode=args.vllm.importance_sampling_mode if vllm else "none")
 
@@ -308,10 +314,19 @@ def trajectory_reward(correct: float, reason: int, mask_unfinished_reward: bool)
     return correct if (not mask_unfinished_reward or reason == NORMAL) else 0.0
 
 
-# ---- ADVANTAGES (docs/algorithm.md §11): one per trajectory, shared by both agents' sequences ----------------------
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool) -> torch.Tensor:
-    """A_i = (R_i - mean_g) / (std_g + 1e-6), unbiased std (official); a group of one gets A = R (mean 0, std 1).
-    rewards: (N,) with each group of G consecutive; returns (N,)."""
+# ---- ADVANTAGES (docs/algorithm.md §11): each estimator maps the trajectories' rewards (N,), groups of G consecutive, --
+# to one advantage per trajectory (N,), which both agents' sequences of the trajectory share (no KL term: item 6)
+def reinforce_pp_advantages(rewards, group_size: int, scale_rewards: bool = True, accelerator=None) -> torch.Tensor:
+    """REINFORCE++ without its KL term: the rewards whitened over the global batch's trajectories, as OpenRLHF:
+    (R - mean) / sqrt(max(var, 1e-8)) (every token's return is R: gamma = 1, no KL)."""
+    stats = torch.stack([rewards.sum(), (rewards**2).sum(), torch.tensor(float(len(rewards)), device=rewards.device)])
+    total, total_sq, count = (accelerator.reduce(stats, reduction="sum") if accelerator else stats).tolist()
+    mean = total / count
+    return (rewards - mean) / math.sqrt(max(total_sq / count - mean**2, 1e-8))
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, accelerator=None) -> torch.Tensor:
+    """A_i = (R_i - mean_g) / (std_g + 1e-6), unbiased std (official); a group of one gets A = R (mean 0, std 1)."""
     if group_size == 1:
         return rewards.clone()
     r = rewards.view(-1, group_size)  # (N/G, G)
@@ -319,6 +334,24 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool)
     if scale_rewards:
         adv = adv / (r.std(-1, keepdim=True) + 1e-6)
     return adv.reshape(-1)
+
+
+def rloo_advantages(rewards, group_size: int, scale_rewards: bool = True, accelerator=None) -> torch.Tensor:
+    """RLOO: A_i = R_i - mean_{j != i} R_j over the G trajectories of the question."""
+    r = rewards.view(-1, group_size)  # (N/G, G)
+    return (r - (r.sum(-1, keepdim=True) - r) / (group_size - 1)).reshape(-1)
+
+
+class Estimator(NamedTuple):
+    fn: Callable
+    needs_group: bool  # compares the G trajectories of a question: needs num_generations >= 2
+
+
+ESTIMATORS = {  # --advantage_estimator picks one
+    "reinforce_pp": Estimator(reinforce_pp_advantages, needs_group=False),
+    "grpo": Estimator(grpo_advantages, needs_group=False),  # a group of one: A = R (official)
+    "rloo": Estimator(rloo_advantages, needs_group=True),
+}
 
 
 # ---- POLICY LOSS: the turn-level ratio (paper Eq. 12-13, docs/algorithm.md §12), weighted against the sampler ------
@@ -412,17 +445,7 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
     return loss, stats | {k: v.item() for k, v in counts.items()}
 
 
-# ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
-@torch.no_grad()
-def old_logprobs(agent, batch: dict, args, autocast) -> None:
-    """pi_old (the policy that sampled, recomputed by the trainer before any update: docs/algorithm.md §12): (N, C)."""
-    batch["old_logp"] = torch.zeros(batch["turn_ids"].shape, device=batch["turn_ids"].device)  # (N, C)
-    for idx in batch["attention_mask"].sum(-1).argsort().split(args.micro_batch_size):
-        micro = select(batch, idx)  # (similar lengths; its padding columns cut off)
-        lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
-        batch["old_logp"][idx, : lp.shape[1]] = lp
-
-
+# ---- UPDATE: PPO epochs over mini- and micro-batches (pi_old and pi_ref: utils/logprobs.old_and_ref_logprobs) ----
 def ppo_update(agent, batch: dict, args, d: Derived, mini_batch: int, accelerator, autocast, guard, step: int) -> dict:
     """num_iterations PPO epochs over mini-batches of this process's sequences (mini_batch each: update_sizes),
     gradient accumulation over micro-batches of similar lengths. Returns sums of the loss statistics over the applied
@@ -456,21 +479,6 @@ def ppo_update(agent, batch: dict, args, d: Derived, mini_batch: int, accelerato
     return sums
 
 
-def step_metrics(agent, roles, rewards, sums: dict, is_stats: dict, G: int, args, accelerator) -> dict:
-    """The step's metrics over the global batch (TRL's names; train/ or, with separate parameters, train/<agent>/)."""
-    r_group = rewards.view(-1, G)
-    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "clip_dual", "units", "entropy", "tokens",
-                                          "grad_norm", "steps", "log_ratio")}
-    local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
-        "zero_std": (r_group.std(-1) < 1e-6).sum() if G > 1 else 0, "groups": len(r_group)}
-    s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
-    p = "train" if args.param_sharing else f"train/{PREFIX[roles[0]]}"
-    metrics = {"rollout/frac_reward_zero_std": s["zero_std"] / s["groups"],
-               "rollout/reward_std": float(accelerator.gather(rewards).std()) if s["groups"] * G > 1 else 0.0,
-               f"{p}/clip_ratio/dual_mean": s["clip_dual"] / max(s["units"], 1.0), f"{p}/tokens": s["tokens"]}
-    return metrics | update_metrics(p, s, agent.optimizer.param_groups[0]["lr"], accelerator.num_processes, "units")
-
-
 def learn(agent, roles: list[str], trajs: list, args, d: Derived, sampler, tokenizer, accelerator, autocast, guard,
           step: int) -> dict:
     """Train `agent` on the conversations: one sequence per (trained role, trajectory), that agent's view with its
@@ -488,23 +496,25 @@ def learn(agent, roles: list[str], trajs: list, args, d: Derived, sampler, token
     agent.activate()  # LoRA: this agent's adapter on (the rollout may have left another's on)
     mini_batch, steps = update_sizes(len(mask) * world, args, world)  # from the batch that is trained
     with sampler.timed("logprobs"):
-        if d.recompute_old or steps * args.num_iterations > 1:
-            old_logprobs(agent, batch, args, autocast)
+        old_and_ref_logprobs(agent, batch, d.recompute_old or steps * args.num_iterations > 1, False, args, autocast)
     sampled = sequence_sampler_logprobs(seqs, by_seq, mask)  # (N, C) vLLM's log-probs; None with HF
-    metrics, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}
+    gap, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}  # vLLM: sampler vs pi_old
     if d.is_mode != "none" and sampled is not None:
         batch["is_weight"], is_stats = importance_weights(batch["old_logp"], sampled, mask, d.is_mode,
                                                           args.vllm.importance_sampling_cap)
 
-    # ---- ADVANTAGES: GRPO over each question's G trajectories, both agents' sequences share it: (N,) ----
-    batch["advantages"] = grpo_advantages(rewards, args.num_generations, args.scale_rewards).repeat(len(roles))
+    # ---- ADVANTAGES, one per trajectory, shared by its sequences (both agents'): (N,) ----
+    batch["advantages"] = ESTIMATORS[args.advantage_estimator].fn(
+        rewards, args.num_generations, args.scale_rewards, accelerator).repeat(len(roles))
 
     # ---- UPDATE: PPO epochs over mini-batches, gradient accumulation over micro-batches ----
     with sampler.timed("update"):
         sums = ppo_update(agent, batch, args, d, mini_batch, accelerator, autocast, guard, step)
-    metrics |= rollout_metrics(trajs, len(trajs), "rollout")
-    metrics |= step_metrics(agent, roles, rewards, sums, is_stats, args.num_generations, args, accelerator)
-    return metrics | sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
+    metrics = rollout_metrics(trajs, len(trajs), "rollout")
+    metrics |= multi_turn_step_metrics("train" if args.param_sharing else f"train/{PREFIX[roles[0]]}", rewards, sums, is_stats,
+                                       args.num_generations, agent.optimizer.param_groups[0]["lr"], accelerator)
+    return metrics | gap | sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
+
 
 # ---- SCHEDULE: total_steps steps over shuffled epochs; separate parameters switch agents every switch_freq ----------
 def trained_roles(step: int, args: Args) -> list[str]:
@@ -547,11 +557,11 @@ def main(args: Args) -> None:
     sampler, task, train_set, state, G = run.sampler, run.task, run.train_set, run.state, args.num_generations
     steps_per_epoch = len(train_set) // args.rollout_batch_size
     assert steps_per_epoch >= 1, f"the train set ({len(train_set)} rows) is smaller than --rollout_batch_size"
-    run.start(run_header(args, world), args.total_steps,
+    run.start(multi_turn_header(args, d.sequences, d.steps_per_rollout * args.num_iterations), args.total_steps,
               lambda: evaluate(run.eval_set, agent_of, sampler, task, args, accelerator), "multiturn")
 
     with run.session():  # the end: the last evaluation and checkpoint; SIGTERM: the last step saved, exit 0
-        for step in range(state["step"], args.total_steps):  # one GRPO step per batch, over shuffled epochs
+        for step in range(state["step"], args.total_steps):  # one step per batch, over shuffled epochs
             run.between_steps()  # the last completed step's evaluation and checkpoint, when due
             roles = trained_roles(step, args)
             agent = agent_of[roles[0]]  # shared parameters: the same agent for both roles
@@ -580,28 +590,12 @@ def main(args: Args) -> None:
                 break
 
 
-def run_header(args: Args, world: int) -> dict:
-    """What the run prints first: the run, its rollout and its update."""
-    sequences = args.rollout_batch_size * args.num_generations * len(trained_roles(0, args))  # one per (trajectory, role)
-    steps = update_sizes(sequences, args, world)[1] * args.num_iterations
-    return {"run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
-            "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
-                       f"{'on' if args.mask_unfinished_reward else 'off'}, "
-                       f"stop on truncation {'on' if args.stop_when_truncated else 'off'}",
-            "update": f"GRPO, {steps} optimizer step(s) per rollout" + (" (the PPO ratio stays 1)" if steps == 1 else "")
-                      + f" of {sequences} sequences; each step logs its own count (<prefix>/optimizer_steps)"}
-
-
 # ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
 # the valid range of each numeric option of Args (the shared groups': utils/validate.py, SHARED), checked right after
 # parsing (parse_args) and again by validate(): a bad value exits with status 2 and a message naming the flag
-RANGES = {
-    "switch_freq": at_least(1), "total_steps": at_least(1), "rollout_batch_size": at_least(1),
-    "num_generations": at_least(1), "max_turns": at_least(1), "max_completion_length": at_least(1),
-    "max_context_length": at_least(1), "temperature": above(0), "epsilon": above(0), "epsilon_high": above(0),
-    "dual_clip": above(1),  # it caps the loss of negative advantages at -A c
-    "log_ratio_cap": above(0), "num_iterations": at_least(1), "mini_batch_size": at_least(1),
-    "micro_batch_size": at_least(1),
+RANGES = TWIN_RANGES | {
+    "max_turns": at_least(1), "max_completion_length": at_least(1), "max_context_length": at_least(1),
+    "log_ratio_cap": above(0),
 }
 
 FOLLOWS = {  # options whose default follows other options, unless given on the command line (utils.config.cli)
@@ -618,20 +612,12 @@ def validate(args: Args, accelerator) -> None:
     """The ranges, then the options that depend on each other or on the number of processes; a violation prints
     its message to stderr and exits with status 2."""
     check_ranges(args, RANGES, "rema_multiturn.py")
-    world = accelerator.num_processes
-    def need(ok: bool, msg: str):
-        if not ok:
-            refuse(f"rema_multiturn.py: {msg}")
-
-    B, G = args.rollout_batch_size, args.num_generations
-    need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
-    need(not args.one_shot or args.data.task == "math", "--one_shot is a worked math example; the judge task has none")
+    need = requirement("rema_multiturn.py")
+    check_twin_options(args, need, accelerator.num_processes, ESTIMATORS,
+                       args.rollout_batch_size * args.num_generations * len(trained_roles(0, args)),  # one per role
+                       "rollout_batch_size x num_generations x trained roles")
     need(args.clip_mode == "turn" or args.ratio_form == "geometric",
          "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
-    sequences = B * G * len(trained_roles(0, args))  # trained per step: one per (trajectory, trained role)
-    need(args.mini_batch_size is None or (args.mini_batch_size % world == 0 and sequences % args.mini_batch_size == 0),
-         f"--mini_batch_size {args.mini_batch_size} must divide rollout_batch_size x num_generations x trained roles "
-         f"({sequences}) and be a multiple of the number of processes")
 
 
 if __name__ == "__main__":

@@ -32,16 +32,13 @@ Departures from the paper / official code, all deliberate:
     `--grading.grader official` restores the official configuration (docs/grading.md).
  9. GRPO divides by the group's std + 1e-4 (TRL's epsilon); rema_multiturn.py keeps the official code's 1e-6.
 10. Not stated in the paper, chosen here: each agent's AdamW state persists across the phases and rounds of
-    Algorithm 1 (an agent resumes its moments when its turn comes again), and the KL reference stays the initial
-    model for the whole run. The prompt filter is ReMA's (App. D.1): `--mode vrp|mrp` trains unfiltered unless
-    `--filter` is given, and so do the VRP / MRP paper presets.
-11. CPU-sized defaults (`--preset cpu`, chosen on the training reward and on training questions): the built-in `a + b`
-    task and SmolLM2-135M; a worked example (7 + 5) before each question in the RA's prompt (`--one_shot`; the MTA
-    keeps the paper's): zero-shot the 135M RA boxes none of its greedy answers and its first rewards are all -1;
-    temperature 0.7 for the rollouts and the filter; 3 samples per prompt; plans and solutions of 32 tokens; 2
-    epochs per phase of one round; a filter pool of 32 questions; 100 held-out sums, evaluated at the start and the
-    end only; no gradient checkpointing. Each flag's docstring gives the paper's value, and the `paper-*` presets
-    set them all.
+    Algorithm 1, and the KL reference stays the initial model for the whole run. The prompt filter is ReMA's (App.
+    D.1): `--mode vrp|mrp` and the VRP / MRP paper presets train unfiltered unless `--filter` is given.
+11. CPU-sized defaults (`--preset cpu`, chosen on the training reward and on training questions): `a + b` and
+    SmolLM2-135M; a worked example (7 + 5) in the RA's prompt (`--one_shot`: zero-shot the 135M RA boxes none of its
+    greedy answers); temperature 0.7; 3 samples per prompt; plans and solutions of 32 tokens; 2 epochs per phase of
+    one round; a filter pool of 32 questions; 100 held-out sums, evaluated at the start and the end only; no gradient
+    checkpointing. Each flag's docstring gives the paper's value; the `paper-*` presets set them all.
 """
 
 import math
@@ -58,14 +55,14 @@ from utils.batch import collate, select, update_sizes
 from utils.config import (Annotated, DataArgs, FilterArgs, Flat, GenerationArgs, GradingArgs, JudgeArgs, LoraArgs,
                           ModelArgs, OptimizerArgs, RunArgs, VLLMArgs, WandbArgs, arithmetic_default, cli)
 from utils.data import ArithmeticConfig, DataError
-from utils.distributed import clip_grad_norm, grad_sync, make_accelerator, reduce_sums, shard
-from utils.logprobs import completion_logprobs
+from utils.distributed import clip_grad_norm, gather_real, grad_sync, make_accelerator, shard, shard_marked
+from utils.logprobs import completion_logprobs, old_and_ref_logprobs
 from utils.presets import single_turn
-from utils.run import Run
+from utils.run import Run, single_turn_header
 from utils.sampling import importance_weights, sampler_logprobs
 from utils.task import TASKS
-from utils.tracking import update_metrics
-from utils.validate import above, at_least, check_ranges, refuse
+from utils.tracking import filter_stats, single_turn_step_metrics
+from utils.validate import TWIN_RANGES, at_least, check_ranges, check_twin_options, requirement
 
 AGENTS = {"rema": ["meta_thinking", "reasoning"], "vrp": ["policy"], "mrp": ["policy"]}
 PREFIX = {"meta_thinking": "meta", "reasoning": "reas", "policy": "policy"}
@@ -93,14 +90,12 @@ class Args:
     meta_reward: str = "accuracy"
     """R_h, one of META_SCORES: accuracy (mean RA correctness under the plan; paper) or consistency (App. E.1)"""
     filter: bool = True
-    """schedule=alternate: build D_l / D_h with the prompt filter (App. D.1: ReMA's); --no-filter: the whole train
-    set. Unless given, on for --mode rema and off for vrp / mrp (the baselines' #TrainingEpisode is epochs over the
-    entire dataset), see FOLLOWS"""
+    """schedule=alternate: build D_l / D_h with the prompt filter (App. D.1: ReMA's); --no-filter: the whole train set.
+    Unless given, on for --mode rema, off for vrp / mrp (their #TrainingEpisode: epochs over all of it), see FOLLOWS"""
     prompt_filter: FilterArgs = field(default_factory=FilterArgs)
     one_shot: bool = True
-    """a worked example (7 + 5) before each question, as an earlier exchange, in the prompt of the agent that answers
-    (the RA; VRP, MRP), not the MTA's (not in the paper: the 135M model boxes its answer only after one). Unless
-    given, on for --preset cpu on the math task and off otherwise, see FOLLOWS"""
+    """a worked example (7 + 5) as an earlier exchange in the prompt of the agent that answers (RA, VRP, MRP), not the
+    MTA's (not in the paper). Unless given, on for --preset cpu on the math task and off otherwise, see FOLLOWS"""
     # ---- rollout ----
     rollout_batch_size: int = 8
     """B: prompts per training step over all processes (paper: 1000); for the RA a prompt is a (question, plan) pair"""
@@ -161,8 +156,7 @@ class Args:
 class Derived:
     K: int  # RA samples per plan that R_h averages
     steps_per_rollout: int  # optimizer steps per PPO epoch on a rollout of B x G sequences (the header's count)
-    recompute_old: bool  # pi_old recomputed before every update (the KL in the reward or vLLM needs it; more than
-    # one optimizer step per rollout also needs it: decided per update from the batch, see update_sizes)
+    recompute_old: bool  # pi_old recomputed before every update (KL in the reward, vLLM; >1 step: learn() decides)
     loss_beta: float  # the coefficient of the k3 KL term in the loss (GRPO / RLOO; 0 when the KL is in the reward)
     eps_high: float  # upper clip range
     is_mode: str  # importance weighting against the sampler: "none" unless generation runs on vLLM
@@ -184,7 +178,7 @@ def derive(args: Args, accelerator) -> Derived:
 def rollout_reasoning(items, agent, agents, sampler, task, args, step) -> dict:
     """RA step (and VRP / MRP): items hold (question, plan); the agent samples G solutions per item; reward R_l."""
     G = args.num_generations
-    if args.mode == "rema" and "plan" not in items[0]:  # schedule=switch: the frozen MTA plans on the fly
+    if args.mode == "rema" and args.schedule == "switch":  # the frozen MTA plans on the fly (D_l items carry theirs)
         _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(it) for it in items], args.temperature,
                            "rollout meta_thinking (frozen)", [("plan", step, it["uid"]) for it in items])
         items = [it | {"plan": m} for it, m in zip(items, plans)]
@@ -228,9 +222,8 @@ def reas_reward(correct: float, solution: str, task=TASKS["math"]()) -> float:
     return -0.5 if task.in_format(solution) else -1.0
 
 
-# A meta score sees everything a plan-level reward could need: the RA's solutions under the plan, their correctness,
-# the task, the plan itself and the run's options. R_h and the D_h prompt filter both call META_SCORES[--meta_reward],
-# so a fork that changes the score moves both.
+# A meta score sees what a plan-level reward could need (the RA's solutions under the plan, their correctness, the task,
+# the plan, the options); R_h and the D_h prompt filter both call META_SCORES[--meta_reward]: a fork moves both.
 def accuracy_score(solutions: list[str], correct: list[float], task, plan: str = "", args=None) -> float:
     """The paper's R_h before the leak penalty: the mean correctness of the RA's answers under the plan."""
     return sum(correct) / len(correct)
@@ -270,8 +263,7 @@ def build_dataset(agent_name, phase, train_set, agents, sampler, task, args, acc
     S, pool = f.num_samples, list(range(len(train_set)))
     random.Random(args.run.seed * 100_003 + phase).shuffle(pool)
     pool = pool[: f.pool_size] if f.pool_size is not None else pool
-    mine, n_real = shard([train_set[i] | {"index": i} for i in pool], rank, world)
-    mine = [q | {"padding": j >= n_real} for j, q in enumerate(mine)]  # padding rows are scored, then dropped
+    mine = shard_marked([train_set[i] | {"index": i} for i in pool], rank, world)  # padding: scored, then dropped
     kept, succ_all, keys = mine, [], [("filter", phase, q["index"], s) for q in mine for s in range(S)]
     if args.filter:
         repeated = [q for q in mine for _ in range(S)]  # S answers per question estimate succ(x)
@@ -296,15 +288,8 @@ def build_dataset(agent_name, phase, train_set, agents, sampler, task, args, acc
         _, plans = sampler(agents["meta_thinking"], [task.meta_prompt(q) for q in with_plans], T, "D_l: plans",
                            [("plan", phase, q["index"], j) for q in kept for j in range(f.plans_per_question)])
         kept = [q | {"plan": m} for q, m in zip(with_plans, plans)]
-    kept = [q for q in kept if not q.pop("padding")]
-    kept = sorted(sum(gather_object([kept]), []), key=lambda q: (q["index"], q.get("plan", "")))
-    succ_all = sum(gather_object([succ_all[:n_real]]), [])
-    stats = {"filter/candidates": len(pool), "filter/kept": len({q["index"] for q in kept}), "filter/items": len(kept)}
-    if succ_all:
-        stats |= {"filter/mean_succ": sum(succ_all) / len(succ_all),
-                  "filter/frac_all_correct": sum(s == 1.0 for s in succ_all) / len(succ_all),
-                  "filter/frac_all_wrong": sum(s == 0.0 for s in succ_all) / len(succ_all)}
-    return kept, stats
+    kept = sorted(gather_real(kept, kept), key=lambda q: (q["index"], q.get("plan", "")))  # every process: the same
+    return kept, filter_stats(len(pool), kept, gather_real(succ_all, mine))
 
 
 # ---- ADVANTAGES: each estimator maps the rollout's rewards (N,) to one advantage per token (N, C) -------------------
@@ -372,8 +357,7 @@ def ppo_clip_loss(ratio, adv, eps_low, eps_high, dual_clip):
 def policy_loss_terms(logp, old_logp, advantages, mask, eps_low, eps_high, ref_logp=None, beta=0.0, is_weight=None,
                       dual_clip=None):
     """Per-token loss l_t = w_t ppo_clip_loss(rho_t, A_t) (+ beta * k3 KL), rho_t = pi/pi_old, w_t the importance
-    weight against the sampler (1 without). All (N, C); returns the per-token loss and per-token indicators for the
-    metrics."""
+    weight against the sampler (1 without). All (N, C); returns the loss and the indicators for the metrics."""
     ratio = torch.exp(logp - old_logp)  # (N, C)
     loss, is_low, is_high, is_dual = ppo_clip_loss(ratio, advantages, eps_low, eps_high, dual_clip)  # (N, C)
     if is_weight is not None:
@@ -416,27 +400,7 @@ def micro_batch_loss(logp, entropy, micro: dict, args, d, norm):
     return loss, stats
 
 
-# ---- UPDATE: pi_old (and pi_ref), then PPO epochs over mini- and micro-batches ----------------------------------
-@torch.no_grad()
-def old_and_ref_logprobs(agent, batch: dict, old: bool, reference: bool, args, autocast) -> None:
-    """pi_old (the policy that sampled, recomputed by the trainer; docs/algorithm.md §5) / pi_ref into batch: (N, C)."""
-    mask = batch["completion_mask"]
-    logps = ({"old_logp": torch.zeros_like(mask)} if old else {}) | ({"ref_logp": torch.zeros_like(mask)} if reference else {})
-    for idx in batch["attention_mask"].sum(-1).argsort().split(args.micro_batch_size):
-        micro = select(batch, idx)  # (similar lengths; its padding columns cut off)
-        if old:
-            lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
-            logps["old_logp"][idx, : lp.shape[1]] = lp
-        if reference:
-            if agent.adapter is not None:  # LoRA: the base model with the adapters off
-                with agent.activate().disable_adapter():
-                    lp, _ = completion_logprobs(agent.unwrapped, micro, args.temperature, autocast)
-            else:
-                lp, _ = completion_logprobs(agent.ref_model, micro, args.temperature, autocast)
-            logps["ref_logp"][idx, : lp.shape[1]] = lp
-    batch |= {k: v * mask for k, v in logps.items()}
-
-
+# ---- UPDATE: PPO epochs over mini- and micro-batches (pi_old and pi_ref: utils/logprobs.old_and_ref_logprobs) ----
 def ppo_update(agent, batch: dict, args, d: Derived, mini_batch: int, accelerator, autocast, guard, step: int) -> dict:
     """num_iterations PPO epochs over mini-batches of this process's sequences (mini_batch each: update_sizes),
     gradient accumulation over micro-batches of similar lengths. Returns sums of the loss statistics over the applied
@@ -470,32 +434,9 @@ def ppo_update(agent, batch: dict, args, d: Derived, mini_batch: int, accelerato
     return sums
 
 
-def step_metrics(agent, rollout: dict, mask, sums: dict, is_stats: dict, G: int, accelerator) -> dict:
-    """The step's metrics over the global batch (TRL's names, under the agent's prefix)."""
-    rewards, lengths = torch.tensor(rollout["rewards"]), mask.sum(-1)
-    r_group = rewards.view(-1, G)
-    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "entropy", "tokens", "kl", "grad_norm", "steps",
-                                          "log_ratio")}
-    local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
-        "r_sum": rewards.sum(), "r_sq": (rewards**2).sum(), "n": len(rewards), "len_sum": lengths.sum(),
-        "truncated": sum(c.truncated for c in rollout["completions"]), "groups": len(r_group),
-        "zero_std": (r_group.std(-1) < 1e-6).sum() if G > 1 else 0, "correct": sum(rollout["correct"]),
-        "n_correct": len(rollout["correct"])}
-    s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
-    all_lengths = accelerator.gather(lengths)  # (N * world,)
-    tok, n, p = max(s["tokens"], 1.0), s["n"], PREFIX[agent.name]
-    metrics = {f"{p}/reward": s["r_sum"] / n, f"{p}/reward_std": math.sqrt(max(s["r_sq"] / n - (s["r_sum"] / n) ** 2, 0.0)),
-               f"{p}/frac_reward_zero_std": s["zero_std"] / s["groups"], f"{p}/accuracy": s["correct"] / s["n_correct"],
-               f"{p}/completions/mean_length": s["len_sum"] / n, f"{p}/completions/min_length": all_lengths.min().item(),
-               f"{p}/completions/max_length": all_lengths.max().item(), f"{p}/completions/clipped_ratio": s["truncated"] / n}
-    metrics |= update_metrics(p, s, agent.optimizer.param_groups[0]["lr"], accelerator.num_processes)
-    return metrics | ({f"{p}/kl": s["kl"] / tok} if "kl" in sums else {})
-
-
 def learn(agent, rollout: dict, args, d: Derived, sampler, tokenizer, accelerator, autocast, guard, step: int) -> dict:
-    """Train `agent` on its rollout (one sequence and one reward per completion, groups of rollout["group_size"]
-    consecutive samples of one prompt): pi_old (and pi_ref), the advantages, then the PPO update. The update's sizes
-    come from this batch (update_sizes). Returns the step's metrics."""
+    """Train `agent` on its rollout (a sequence and a reward per completion, groups of rollout["group_size"]): pi_old
+    (and pi_ref), the advantages, the PPO update, sized from this batch (update_sizes). Returns the step's metrics."""
     world = accelerator.num_processes
     batch = collate(rollout["prompt_ids"], [c.ids for c in rollout["completions"]], tokenizer.pad_token_id,
                     accelerator.device)
@@ -509,7 +450,7 @@ def learn(agent, rollout: dict, args, d: Derived, sampler, tokenizer, accelerato
         old_and_ref_logprobs(agent, batch, d.recompute_old or steps * args.num_iterations > 1, args.beta > 0, args,
                              autocast)
     sampled = sampler_logprobs(rollout["completions"], mask)  # (N, C) vLLM's log-probs; None with HF
-    metrics, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}
+    gap, is_stats = sampler.before_update(agent, batch.get("old_logp"), sampled, mask), {}  # vLLM: sampler vs pi_old
     if d.is_mode != "none" and sampled is not None:
         batch["is_weight"], is_stats = importance_weights(batch["old_logp"], sampled, mask, d.is_mode,
                                                           args.vllm.importance_sampling_cap)
@@ -521,8 +462,9 @@ def learn(agent, rollout: dict, args, d: Derived, sampler, tokenizer, accelerato
     # ---- UPDATE: PPO epochs over mini-batches, gradient accumulation over micro-batches ----
     with sampler.timed("update"):
         sums = ppo_update(agent, batch, args, d, mini_batch, accelerator, autocast, guard, step)
-    metrics |= step_metrics(agent, rollout, mask, sums, is_stats, rollout["group_size"], accelerator)
-    return metrics | sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
+    metrics = single_turn_step_metrics(PREFIX[agent.name], rollout, mask, sums, is_stats, rollout["group_size"],
+                                        agent.optimizer.param_groups[0]["lr"], accelerator)
+    return metrics | gap | sampler.after_update(agent)  # vLLM: the new weights pushed, and checked
 
 
 # ---- SCHEDULE (Algorithm 1, or the official switch) ------------------------------------------------------------------
@@ -545,25 +487,25 @@ def phase_steps(agent_name: str, questions: int, args: Args, built: bool = False
 
 
 def epoch_order(dataset_size: int, state: dict, args: Args) -> list[int]:
-    """The order in which this epoch visits the dataset: a permutation of all of it, seeded by the epoch, and under
-    the alternate schedule also by the phase (each phase has a dataset of its own). Under the switch schedule the
-    agents change every switch_freq steps in the middle of an epoch over the one train set: the order must not
-    change with them, or an epoch would see some items twice and miss others."""
+    """This epoch's order of the dataset: a permutation seeded by the epoch and, under the alternate schedule, by the
+    phase (each phase has a dataset of its own). Under the switch schedule the agents change in the middle of an epoch
+    over the one train set: the order must not change with them, or an epoch would see some items twice."""
     phase = state["phase"] if args.schedule == "alternate" else 0
     perm = list(range(dataset_size))
     random.Random(args.run.seed * 7919 + phase * 101 + state["epoch"]).shuffle(perm)
     return perm
 
 
-def advance(state: dict, dataset_size: int, args: Args) -> bool:
-    """The switch schedule's position after the step just taken: the next batch of the epoch over the train set,
-    and the next block once switch_freq steps are done (or the run's last); True if that ended a block."""
-    state["batch"] += 1
-    if state["batch"] >= math.ceil(dataset_size / args.rollout_batch_size):
-        state["batch"], state["epoch"] = 0, state["epoch"] + 1
-    done = state["step"] % args.switch_freq == 0 or state["step"] >= args.total_steps
-    state["phase"] += done
-    return done
+def batches_per_epoch(dataset_size: int, args: Args, world: int) -> int:
+    """Batches of B items in an epoch over the dataset; a shorter last one counts if it gives every process an item."""
+    return dataset_size // args.rollout_batch_size + (dataset_size % args.rollout_batch_size >= world)
+
+
+def switch_position(step: int, dataset_size: int, args: Args, world: int) -> tuple[int, int, int]:
+    """The switch schedule at `step`: (its block of switch_freq steps, epoch over the whole train set, batch)."""
+    batches = batches_per_epoch(dataset_size, args, world)
+    assert batches >= 1, f"the train set ({dataset_size} rows) has fewer rows than processes ({world})"
+    return step // args.switch_freq, *divmod(step, batches)
 
 
 # ---- EVALUATION: greedy pass@1 on the held-out set -----------------------------------------------------------------
@@ -591,25 +533,21 @@ def main(args: Args) -> None:
     d = derive(args, accelerator)  # every derived size and choice, decided once
     rank, world = accelerator.process_index, accelerator.num_processes
     names = AGENTS[args.mode]
-    lengths = {"meta_thinking": args.meta_max_completion_length, "reasoning": args.reas_max_completion_length,
-               "policy": args.reas_max_completion_length}
-    run = Run(args, accelerator, "rema_single.py", {n: lengths[n] for n in names}, reference=args.beta > 0,
+    lengths = {n: args.meta_max_completion_length if n == "meta_thinking" else args.reas_max_completion_length for n in names}
+    run = Run(args, accelerator, "rema_single.py", lengths, reference=args.beta > 0,
               initial_state=dict(phase=0, epoch=0, batch=0, dataset=None), max_model_len=args.vllm.max_model_len)
     agents, sampler, task, train_set, state = run.agents, run.sampler, run.task, run.train_set, run.state
     phases = schedule_phases(names, args.schedule, args.num_update_iterations, args.first_agent, args.total_steps,
                              args.switch_freq)
-    run.start(run_header(args, d, names, phases),
+    run.start(single_turn_header(args, d.steps_per_rollout * args.num_iterations, phases, len(names)),
               args.total_steps if args.schedule == "switch" else  # each phase: at most its whole pool kept
               [phase_steps(n, args.prompt_filter.pool_size or len(train_set), args) for n in phases],
               lambda: evaluate(run.eval_set, agents, sampler, task, args, accelerator), "single")
 
     def train_step(agent, dataset: list[dict], order: list[int], batch: int, phase: int) -> bool:
-        """One step on batch `batch` of `order`: rollout -> rewards -> advantages -> update -> log. False when
-        --max_minutes is up."""
+        """One step on batch `batch` of `order`: rollout -> rewards -> advantages -> update -> log; False: time is up."""
         idx = order[batch * args.rollout_batch_size:(batch + 1) * args.rollout_batch_size]
         idx = idx[: len(idx) // world * world]  # every process gets the same number of items
-        if not idx:  # (fewer items left in the epoch than processes)
-            return True
         items = [dataset[i] | {"uid": i} for i in idx[rank::world]]  # uid: keys the samples' random streams
         t0 = run.step_began()
 
@@ -644,7 +582,7 @@ def main(args: Args) -> None:
             dataset = state["dataset"]
             for epoch in range(state["epoch"], args.num_train_epochs):
                 order = epoch_order(len(dataset), state, args)
-                for batch in range(state["batch"], math.ceil(len(dataset) / args.rollout_batch_size)):
+                for batch in range(state["batch"], batches_per_epoch(len(dataset), args, world)):
                     run.between_steps(phase_ended)
                     go_on = train_step(agent, dataset, order, batch, phase)
                     state["batch"], phase_ended = batch + 1, False  # the next step's position
@@ -656,13 +594,12 @@ def main(args: Args) -> None:
     def switch_schedule() -> None:
         """The official code's schedule: blocks of switch_freq steps, the agents in turn, over epochs of the whole
         (unfiltered) train set that run on across the blocks."""
-        phase_ended = False
-        while state["phase"] < len(phases):
-            run.between_steps(phase_ended)
-            batch, phase, order = state["batch"], state["phase"], epoch_order(len(train_set), state, args)
-            go_on = train_step(agents[phases[phase]], train_set, order, batch, phase)
-            phase_ended = advance(state, len(train_set), args)  # the next step's position
-            if not go_on:
+        first = state["step"]
+        for step in range(first, args.total_steps):
+            run.between_steps(step > first and step % args.switch_freq == 0)  # a block ended: its checkpoint is due
+            state["phase"], state["epoch"], batch = switch_position(step, len(train_set), args, world)
+            order = epoch_order(len(train_set), state, args)
+            if not train_step(agents[phases[state["phase"]]], train_set, order, batch, state["phase"]):
                 return
 
     with run.session():  # the end: the last evaluation and checkpoint; SIGTERM: the last step saved, exit 0
@@ -672,14 +609,10 @@ def main(args: Args) -> None:
 # ---- SETUP: validate the options, then decide every derived value once ---------------------------------------------
 # the valid range of each numeric option of Args (the shared groups': utils/validate.py, SHARED), checked right after
 # parsing (parse_args) and again by validate(): a bad value exits with status 2 and a message naming the flag
-RANGES = {
-    "num_update_iterations": at_least(1), "num_train_epochs": at_least(1), "switch_freq": at_least(1),
-    "total_steps": at_least(1), "rollout_batch_size": at_least(1), "num_generations": at_least(1),
-    "reas_samples_per_plan": at_least(1), "temperature": above(0), "meta_max_completion_length": at_least(1),
-    "reas_max_completion_length": at_least(1), "beta": at_least(0),  # 0: no KL term, no reference model
-    "epsilon": above(0), "epsilon_high": above(0), "dual_clip": above(1), "num_iterations": at_least(1),
-    "mini_batch_size": at_least(1),
-    "micro_batch_size": at_least(1),
+RANGES = TWIN_RANGES | {
+    "num_update_iterations": at_least(1), "num_train_epochs": at_least(1), "reas_samples_per_plan": at_least(1),
+    "meta_max_completion_length": at_least(1), "reas_max_completion_length": at_least(1),
+    "beta": at_least(0),  # 0: no KL term, no reference model
 }
 
 
@@ -698,39 +631,17 @@ def validate(args: Args, accelerator) -> None:
     """The ranges, then the options that depend on each other or on the number of processes; a violation prints
     its message to stderr and exits with status 2."""
     check_ranges(args, RANGES, "rema_single.py")
-    world = accelerator.num_processes
-    def need(ok: bool, msg: str):
-        if not ok:
-            refuse(f"rema_single.py: {msg}")
-
-    B, G, f = args.rollout_batch_size, args.num_generations, args.prompt_filter
-    need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
-    need(args.advantage_estimator in ESTIMATORS, f"--advantage_estimator must be one of {', '.join(ESTIMATORS)}")
-    need(not ESTIMATORS[args.advantage_estimator].needs_group or G >= 2,
-         f"--advantage_estimator {args.advantage_estimator} compares samples within a group: use --num_generations >= 2")
-    need(not args.one_shot or args.data.task == "math", "--one_shot is a worked math example; the judge task has none")
+    need, f = requirement("rema_single.py"), args.prompt_filter
+    check_twin_options(args, need, accelerator.num_processes, ESTIMATORS, args.rollout_batch_size * args.num_generations,
+                       "rollout_batch_size x num_generations")
     need(args.meta_reward in META_SCORES, f"--meta_reward must be one of {', '.join(META_SCORES)}")
     need(args.mode == "rema" or args.meta_reward == "accuracy", "--meta_reward applies to --mode rema only")
-    need(args.meta_reward != "consistency" or (args.reas_samples_per_plan or G) >= 2,
+    need(args.meta_reward != "consistency" or (args.reas_samples_per_plan or args.num_generations) >= 2,
          "--meta_reward consistency needs --reas_samples_per_plan >= 2")
     need(0 <= f.eps_min <= f.eps_max <= 1, "need 0 <= --prompt_filter.eps_min <= --prompt_filter.eps_max <= 1")
     need(not (args.schedule == "switch" and args.filter),
          "--schedule switch follows the official code, which has no prompt filtering: add --no-filter")
-    need(args.mini_batch_size is None or (args.mini_batch_size % world == 0 and B * G % args.mini_batch_size == 0),
-         f"--mini_batch_size {args.mini_batch_size} must divide rollout_batch_size x num_generations ({B * G}) and be "
-         "a multiple of the number of processes")
 
-
-def run_header(args: Args, d: Derived, names: list[str], phases: list[str]) -> dict:
-    """What the run prints first: the run, its schedule and its update."""
-    steps = d.steps_per_rollout * args.num_iterations
-    return {"run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
-            "schedule": f"{args.schedule}: {' -> '.join(phases[:len(names)])} ({len(phases)} phases"
-                        + (f", {args.total_steps} steps)" if args.schedule == "switch" else ")"),
-            "update": f"{args.advantage_estimator}, {steps} optimizer step(s) per rollout"
-                      + (" (the PPO ratio stays 1)" if steps == 1 else "")
-                      + f" of {args.rollout_batch_size * args.num_generations} sequences; each step logs its own count"
-                        " (<agent>/optimizer_steps)"}
 
 if __name__ == "__main__":
     try:

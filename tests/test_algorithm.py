@@ -120,7 +120,7 @@ def test_switch_schedule_epoch_is_a_permutation_of_the_whole_set():
         order = rs.epoch_order(100, state, args)
         seen += order[state["batch"] * 8:(state["batch"] + 1) * 8]
         state["step"] += 1
-        rs.advance(state, 100, args)
+        state["phase"], state["epoch"], state["batch"] = rs.switch_position(state["step"], 100, args, 1)
     assert state["phase"] == 1 and sorted(seen) == list(range(100))
 
 

@@ -172,6 +172,19 @@ def test_grpo_advantages():
     assert mt.grpo_advantages(r, 1, True).tolist() == r.tolist()  # a group of one: mean 0, std 1 (official)
 
 
+def test_other_estimators_by_hand():
+    """The registry's RLOO and REINFORCE++ on two questions x 3 trajectories, one advantage per trajectory."""
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    # RLOO: R_i minus the mean of the other two of its group
+    assert mt.ESTIMATORS["rloo"].fn(r, 3, True, None).tolist() == pytest.approx([1, -0.5, -0.5, -1, 0.5, 0.5])
+    # REINFORCE++ without KL: (R - 0.5) / sqrt(0.25), the batch's mean 0.5 and (biased) variance 0.25
+    assert mt.ESTIMATORS["reinforce_pp"].fn(r, 3, True, None).tolist() == pytest.approx([1, -1, -1, -1, 1, 1])
+    equal = torch.full((6,), 0.3)  # all rewards tie: 0 / sqrt(1e-8) = 0, not a blown-up difference
+    assert mt.ESTIMATORS["reinforce_pp"].fn(equal, 3, True, None).abs().max().item() < 1e-3
+    assert mt.ESTIMATORS["grpo"].fn is mt.grpo_advantages and mt.ESTIMATORS["rloo"].needs_group
+    assert not mt.ESTIMATORS["grpo"].needs_group  # a group of one is allowed: A = R (official)
+
+
 # ---- the turn-level loss (docs/algorithm.md §12): every clip_mode x ratio_form x agg_mode by hand ----
 # seq 0: A = +1, turn 0 = tokens 0-1 (log-ratios 0.2, 0.0), turn 1 = token 3 alone (-0.4), token 2 untrained
 # seq 1: A = -1, no trained token (an agent that never spoke)

@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 
 
 def _wants(backend: str) -> bool:
@@ -76,6 +76,21 @@ def shard(items: list, rank: int, world: int) -> tuple[list, int]:
     mine = items[rank::world]
     size = math.ceil(len(items) / world)
     return mine + [mine[-1] if mine else items[0]] * (size - len(mine)), len(mine)
+
+
+def shard_marked(rows: list[dict], rank: int, world: int) -> list[dict]:
+    """`shard` for rows that are scored and then gathered: this process's share, each row marked padding=True or
+    False, so that every process runs the same collectives and gather_real drops the padding afterwards."""
+    mine, n_real = shard(rows, rank, world)
+    return [r | {"padding": j >= n_real} for j, r in enumerate(mine)]
+
+
+def gather_real(values: list, marks: list[dict]) -> list:
+    """Collective: the values of every process, in process order, without those whose mark (a row of shard_marked,
+    one per value) is padding; dict values lose their padding key."""
+    real = [{k: x for k, x in v.items() if k != "padding"} if isinstance(v, dict) else v
+            for v, m in zip(values, marks) if not m["padding"]]
+    return sum(gather_object([real]), [])
 
 
 def reduce_sums(accelerator: Accelerator, sums: dict[str, float]) -> dict[str, float]:

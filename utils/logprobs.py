@@ -15,6 +15,8 @@ Same values as the plain way (float32 arithmetic on the same logits), a fraction
 
 import torch
 
+from utils.batch import select
+
 CHUNK_ELEMENTS = 2**24  # float32 elements per chunk: 64 MiB (341 positions of a 49k vocabulary)
 
 
@@ -79,3 +81,26 @@ def completion_logprobs(model, batch: dict, temperature: float, autocast, with_e
     # position t predicts completion token t: log softmax(logits_t / T)[y_t] (and the entropy), computed a chunk of
     # positions at a time, so no (N, C, V) float32 copy of the logits is made
     return token_logprobs(logits, batch["completion_ids"], temperature, with_entropy)
+
+
+@torch.no_grad()
+def old_and_ref_logprobs(agent, batch: dict, old: bool, reference: bool, args, autocast) -> None:
+    """pi_old (the policy that sampled, recomputed by the trainer before any update; docs/algorithm.md §5) and / or
+    pi_ref (the initial model: with LoRA the base model with the adapters off) of a collated batch's completion tokens,
+    into batch["old_logp"] / batch["ref_logp"]: (N, C), 0 at padding. Micro-batches of args.micro_batch_size
+    sequences of similar lengths, at args.temperature."""
+    mask = batch["completion_mask"]  # (N, C)
+    logps = ({"old_logp": torch.zeros_like(mask)} if old else {}) | ({"ref_logp": torch.zeros_like(mask)} if reference else {})
+    for idx in batch["attention_mask"].sum(-1).argsort().split(args.micro_batch_size):
+        micro = select(batch, idx)  # (similar lengths; its padding columns cut off)
+        if old:
+            lp, _ = completion_logprobs(agent.model, micro, args.temperature, autocast)
+            logps["old_logp"][idx, : lp.shape[1]] = lp
+        if reference:
+            if agent.adapter is not None:  # LoRA: the base model with the adapters off
+                with agent.activate().disable_adapter():
+                    lp, _ = completion_logprobs(agent.unwrapped, micro, args.temperature, autocast)
+            else:
+                lp, _ = completion_logprobs(agent.ref_model, micro, args.temperature, autocast)
+            logps["ref_logp"][idx, : lp.shape[1]] = lp
+    batch |= {k: v * mask for k, v in logps.items()}

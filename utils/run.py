@@ -150,3 +150,27 @@ class Run:
             if self.grader is not None:
                 self.grader.close()
             self.accelerator.end_training()
+
+
+def single_turn_header(args, steps: int, phases: list[str], num_agents: int) -> dict[str, str]:
+    """What rema_single.py prints first: the run, its schedule (the agent of each phase) and its update (steps:
+    optimizer steps per rollout, PPO epochs included)."""
+    return {"run": f"{args.mode} on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
+            "schedule": f"{args.schedule}: {' -> '.join(phases[:num_agents])} ({len(phases)} phases"
+                        + (f", {args.total_steps} steps)" if args.schedule == "switch" else ")"),
+            "update": f"{args.advantage_estimator}, {steps} optimizer step(s) per rollout"
+                      + (" (the PPO ratio stays 1)" if steps == 1 else "")
+                      + f" of {args.rollout_batch_size * args.num_generations} sequences; each step logs its own count"
+                        " (<agent>/optimizer_steps)"}
+
+
+def multi_turn_header(args, sequences: int, steps: int) -> dict[str, str]:
+    """What rema_multiturn.py prints first: the run, its rollout and its update (sequences trained per step; steps:
+    optimizer steps per rollout, PPO epochs included)."""
+    return {"run": f"multi-turn ReMA on {args.data.task} ({args.data.train_dataset}) with {args.lm.model}, preset {args.preset}",
+            "rollout": f"{args.max_turns} turns of {args.max_completion_length} tokens, reward mask "
+                       f"{'on' if args.mask_unfinished_reward else 'off'}, "
+                       f"stop on truncation {'on' if args.stop_when_truncated else 'off'}",
+            "update": f"{args.advantage_estimator}, {steps} optimizer step(s) per rollout"
+                      + (" (the PPO ratio stays 1)" if steps == 1 else "")
+                      + f" of {sequences} sequences; each step logs its own count (<prefix>/optimizer_steps)"}

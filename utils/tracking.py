@@ -2,7 +2,8 @@
 
 Only the main process writes. `metrics.jsonl` has one object per logged step, `{"step": k, "time": s, name: value}`,
 so a run can be plotted with ten lines of pandas; `transcripts.jsonl` has full rollouts (question, plan, solution,
-reward) every few steps, for reading what the agents actually say.
+reward) every few steps, for reading what the agents actually say. The scripts' step metrics (TRL's names, reduced
+over the processes) are built here too: `single_turn_step_metrics`, `multi_turn_step_metrics`.
 """
 
 import json
@@ -10,7 +11,10 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
+
+from utils.distributed import reduce_sums
 
 
 class RunLogger:
@@ -162,8 +166,6 @@ class RunProgress:
 
     def time_is_up(self, accelerator, max_minutes: float | None) -> bool:
         """Collective: has the run trained for its --max_minutes (evaluation excluded) on any process?"""
-        import torch
-
         late = max_minutes is not None and self.training_time() >= 60 * max_minutes
         return accelerator.reduce(torch.tensor(float(late), device=accelerator.device), reduction="max").item() > 0
 
@@ -195,3 +197,54 @@ def update_metrics(p: str, s: dict[str, float], learning_rate: float, world: int
     if s["is_units"] > 0:
         out |= {"vllm/is_weight_mean": s["is_weight"] / s["is_units"], "vllm/is_capped_frac": s["is_over_cap"] / s["is_units"]}
     return out
+
+
+def filter_stats(candidates: int, kept: list[dict], succ: list[float]) -> dict:
+    """The prompt filter's metrics: the candidates, the questions kept and the dataset's items (D_l: a question per
+    plan), and over the candidates the mean success rate and the shares all right / all wrong (succ: [] unfiltered)."""
+    stats = {"filter/candidates": candidates, "filter/kept": len({q["index"] for q in kept}), "filter/items": len(kept)}
+    if succ:
+        stats |= {"filter/mean_succ": sum(succ) / len(succ),
+                  "filter/frac_all_correct": sum(s == 1.0 for s in succ) / len(succ),
+                  "filter/frac_all_wrong": sum(s == 0.0 for s in succ) / len(succ)}
+    return stats
+
+
+def single_turn_step_metrics(p: str, rollout: dict, mask, sums: dict, is_stats: dict, G: int, learning_rate: float,
+                             accelerator) -> dict:
+    """rema_single.py's step metrics under the agent's prefix p, over the global batch (TRL's names): the rollout's
+    rewards (groups of G consecutive), correctness and completion lengths (mask: (N, C)), then the update's."""
+    rewards, lengths = torch.tensor(rollout["rewards"]), mask.sum(-1)  # (N,), (N,)
+    r_group = rewards.view(-1, G)  # (N/G, G)
+    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "entropy", "tokens", "kl", "grad_norm", "steps",
+                                          "log_ratio")}
+    local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
+        "r_sum": rewards.sum(), "r_sq": (rewards**2).sum(), "n": len(rewards), "len_sum": lengths.sum(),
+        "truncated": sum(c.truncated for c in rollout["completions"]), "groups": len(r_group),
+        "zero_std": (r_group.std(-1) < 1e-6).sum() if G > 1 else 0, "correct": sum(rollout["correct"]),
+        "n_correct": len(rollout["correct"])}
+    s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
+    all_lengths = accelerator.gather(lengths)  # (N * world,)
+    tok, n = max(s["tokens"], 1.0), s["n"]
+    metrics = {f"{p}/reward": s["r_sum"] / n, f"{p}/reward_std": math.sqrt(max(s["r_sq"] / n - (s["r_sum"] / n) ** 2, 0.0)),
+               f"{p}/frac_reward_zero_std": s["zero_std"] / s["groups"], f"{p}/accuracy": s["correct"] / s["n_correct"],
+               f"{p}/completions/mean_length": s["len_sum"] / n, f"{p}/completions/min_length": all_lengths.min().item(),
+               f"{p}/completions/max_length": all_lengths.max().item(), f"{p}/completions/clipped_ratio": s["truncated"] / n}
+    metrics |= update_metrics(p, s, learning_rate, accelerator.num_processes)
+    return metrics | ({f"{p}/kl": s["kl"] / tok} if "kl" in sums else {})
+
+
+def multi_turn_step_metrics(p: str, rewards, sums: dict, is_stats: dict, G: int, learning_rate: float, accelerator) -> dict:
+    """rema_multiturn.py's step metrics over the global batch (TRL's names): the spread of the trajectories' rewards
+    (N,) in groups of G consecutive, then the update's under prefix p (train, or train/<agent> with separate
+    parameters), its clip counts per unit (turns under the turn-level ratio)."""
+    r_group = rewards.view(-1, G)  # (N/G, G)
+    local = {k: sums.get(k, 0.0) for k in ("loss", "clip_low", "clip_high", "clip_dual", "units", "entropy", "tokens",
+                                          "grad_norm", "steps", "log_ratio")}
+    local |= {k: is_stats.get(k, 0.0) for k in ("is_weight", "is_over_cap", "is_units")} | {
+        "zero_std": (r_group.std(-1) < 1e-6).sum() if G > 1 else 0, "groups": len(r_group)}
+    s = reduce_sums(accelerator, {k: float(v) for k, v in local.items()})
+    metrics = {"rollout/frac_reward_zero_std": s["zero_std"] / s["groups"],
+               "rollout/reward_std": float(accelerator.gather(rewards).std()) if s["groups"] * G > 1 else 0.0,
+               f"{p}/clip_ratio/dual_mean": s["clip_dual"] / max(s["units"], 1.0), f"{p}/tokens": s["tokens"]}
+    return metrics | update_metrics(p, s, learning_rate, accelerator.num_processes, "units")

@@ -114,6 +114,36 @@ SHARED: dict[type, dict[str, Range]] = {
                        "test_size": at_least(1), "seed": at_least(0)},
 }
 
+# the options both training scripts have under the same name: each script's RANGES adds its own to these
+TWIN_RANGES = {
+    "switch_freq": at_least(1), "total_steps": at_least(1), "rollout_batch_size": at_least(1),
+    "num_generations": at_least(1), "temperature": above(0), "epsilon": above(0), "epsilon_high": above(0),
+    "dual_clip": above(1),  # it caps the loss of negative advantages at -A c
+    "num_iterations": at_least(1), "mini_batch_size": at_least(1), "micro_batch_size": at_least(1),
+}
+
+
+def requirement(prog: str):
+    """need(ok, msg): the scripts' cross-flag checks; refuse(f"{prog}: {msg}") unless ok."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            refuse(f"{prog}: {msg}")
+    return need
+
+
+def check_twin_options(args, need, world: int, estimators: dict, sequences: int, what: str) -> None:
+    """The cross-flag checks both training scripts make: the batch splits over the processes, the estimator exists
+    and has the group it needs, the worked example is a math one, and --mini_batch_size splits the `sequences`
+    trained per step (`what`: how they are counted) into equal shares of every process."""
+    B, G, mb = args.rollout_batch_size, args.num_generations, args.mini_batch_size
+    need(B % world == 0, f"--rollout_batch_size {B} must be a multiple of the number of processes ({world})")
+    need(args.advantage_estimator in estimators, f"--advantage_estimator must be one of {', '.join(estimators)}")
+    need(not estimators[args.advantage_estimator].needs_group or G >= 2,
+         f"--advantage_estimator {args.advantage_estimator} compares samples within a group: use --num_generations >= 2")
+    need(not args.one_shot or args.data.task == "math", "--one_shot is a worked math example; the judge task has none")
+    need(mb is None or (mb % world == 0 and sequences % mb == 0),
+         f"--mini_batch_size {mb} must divide {what} ({sequences}) and be a multiple of the number of processes")
+
 
 @dataclass(frozen=True)
 class NumericOption:
