@@ -106,9 +106,9 @@ class Args:
     stop_when_truncated: bool | None = None
     """rema_multiturn: end a conversation when a turn is truncated (None: as the training run did)"""
     one_shot: bool = False
-    """math: the worked example (7 + 5) before each question in the answering agent's prompt (the RA's, VRP's, MRP's)
-    that the cpu presets train with; on by itself when --model is a checkpoint of a run that trained with it (its
-    config.json)"""
+    """math: the worked example (7 + 5) before each question in the answering agent's prompt (the RA's, VRP's, MRP's;
+    rema_multiturn: the MTA's, and the RA's as the run's --reas_one_shot says) that the cpu presets train with; on by
+    itself when --model is a checkpoint of a run that trained with it (its config.json)"""
     preset: str | None = None
     """rema_multiturn: when --model is not a training run's checkpoint (an sft.py output, a hub model), the preset of
     rema_multiturn.py whose turn limits to use (cpu, paper-qwen2.5-7b); flags still override each limit"""
@@ -453,7 +453,8 @@ def main(args: Args) -> None:
 
                     trajs = multi_turn_rollout([q | {"question": task.conversation(q)} for q in chunk], generate_fn,
                                                tokenizer, args.max_turns, args.max_context_length,
-                                               args.stop_when_truncated, task.multiturn_reas_system, one_shot)
+                                               args.stop_when_truncated, task.multiturn_reas_system, one_shot,
+                                               bool(run.get("reas_one_shot", one_shot)) if run else one_shot)
                     responses = [tr.final_response for tr in trajs]
                     extra = [{"conversation": [{t.role: t.text} for t in tr.turns], "num_turns": tr.num_turns,
                               "finish": REASONS[tr.reason]} for tr in trajs]

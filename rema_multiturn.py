@@ -35,11 +35,11 @@ Departures from the paper / official code, all deliberate:
     the same; utils/sampling.py): the engine's bf16 kernels sample from a slightly different policy than pi_old.
  8. CPU-sized defaults: arithmetic task, SmolLM2-135M, 8 questions x 3 trajectories per step for 10 steps, 2
     turns of 32 tokens, one optimizer step per rollout, learning rate 4e-5, temperature 0.7, evaluation at the start
-    and the end only, no gradient checkpointing, and one example exchange in each agent's prompt (`--one_shot`: the
-    MTA's example instruction ends with [FINISH], the RA's example answer is boxed), which stands in for the SFT
-    stage the paper's multi-turn RL starts from (the untrained model never writes [FINISH] without it). The reward
-    mask and the stop on truncation are the paper's. The paper's value is in the docstring of every flag, and
-    `--preset paper-qwen2.5-7b` sets them all.
+    and the end only, no gradient checkpointing, and one example exchange in the MTA's prompt (`--one_shot`: its
+    instruction ends with [FINISH]), which stands in for the SFT stage the paper's multi-turn RL starts from (the
+    untrained model never writes [FINISH] without it). The RA gets no example: it starts with long answers, most cut
+    at 32 tokens, and learns by RL to answer within its turn. The reward mask and the stop on truncation are the
+    paper's. The paper's value is in the docstring of every flag; `--preset paper-qwen2.5-7b` sets them all.
  9. With separate parameters each agent's AdamW state persists across the switches (not stated in the paper).
 """
 
@@ -87,9 +87,12 @@ class Args:
     """reward 0 unless the MTA ended the conversation with [FINISH] (the paper's format reward); --no-: the reward
     of every conversation (a model that never writes [FINISH], e.g. without --one_shot or SFT, gets only 0s with it)"""
     one_shot: bool = True
-    """one example exchange (7 + 5) before the question in each agent's opening messages: the MTA's instruction ends
-    with [FINISH], the RA's answer is boxed (not in the paper, whose model learns the protocol by SFT). Unless
-    given, on for --preset cpu on the math task, see FOLLOWS"""
+    """one example exchange (7 + 5) before the question in the MTA's opening messages, its instruction ending with
+    [FINISH] (not in the paper, whose model learns the protocol by SFT). Unless given, on for --preset cpu on the math
+    task, see FOLLOWS"""
+    reas_one_shot: bool = False
+    """an example exchange for the RA too, its answer boxed (the cpu preset before it let the RA learn its answer
+    format by RL: with it the untrained RA starts higher and gains less)"""
     stop_when_truncated: bool = True
     """end a trajectory when a turn hits max_completion_length (paper); with the reward mask it then gets 0"""
     # ---- rollout ----
@@ -211,13 +214,14 @@ class Trajectory:
 
 def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int, max_context_length: int,
                        stop_when_truncated: bool, reas_system: str = prompts.MULTITURN_REAS_SYSTEM,
-                       one_shot: bool = False) -> list[Trajectory]:
+                       one_shot: bool = False, reas_one_shot: bool | None = None) -> list[Trajectory]:
     """Run all conversations turn by turn; each agent's turn is one batched generate_fn(role, prompt ids, keys) call
     over every live conversation (keys: (the item's "key", turn index) of each, to seed its sample). A conversation
     ends normally when the MTA has written [FINISH] and the RA has answered; otherwise when a prompt would exceed
     max_context_length, when a turn is truncated (if stop_when_truncated), or after max_turns turns. reas_system:
-    the RA's system prompt (the judge task asks for a verdict, not a box); one_shot: each agent's opening messages
-    start with an example exchange (prompts.ONE_SHOT; the cpu preset)."""
+    the RA's system prompt (the judge task asks for a verdict, not a box); one_shot: the MTA's opening messages start
+    with an example exchange (prompts.ONE_SHOT; the cpu preset), and the RA's too if reas_one_shot (None: one_shot)."""
+    reas_one_shot = one_shot if reas_one_shot is None else reas_one_shot
     pieces = prompts.ChatPieces.from_tokenizer(tokenizer)
     closing = tokenizer(pieces.closing, add_special_tokens=False)["input_ids"]  # e.g. [<|im_end|>, "\n"]
 
@@ -233,7 +237,8 @@ def multi_turn_rollout(items: list[dict], generate_fn, tokenizer, max_turns: int
                     continue
                 if role not in tr.ids:  # this agent's first turn: render its opening messages (docs/algorithm.md §1)
                     messages = (prompts.multiturn_meta_messages(tr.question, one_shot) if role == "meta_thinking"
-                                else prompts.multiturn_reas_messages(tr.question, tr.turns[-1].text, reas_system, one_shot))
+                                else prompts.multiturn_reas_messages(tr.question, tr.turns[-1].text, reas_system,
+                                                                     reas_one_shot))
                     context = prompts.render(tokenizer, messages)
                 else:  # its own sampled ids so far, then the other agent's last message as a user turn
                     context = tr.ids[role] + user_turn(tr.turns[-1].text)
@@ -288,7 +293,7 @@ def rollout(items, agent_of, sampler, task, args, temperature: float, desc: str)
 
     trajs = multi_turn_rollout([it | {"question": task.conversation(it)} for it in items], generate_fn,
                                sampler.tokenizer, args.max_turns, args.max_context_length, args.stop_when_truncated,
-                               task.multiturn_reas_system, task.one_shot)
+                               task.multiturn_reas_system, task.one_shot, args.reas_one_shot)
     # ---- REWARD (docs/algorithm.md §10): the RA's final answer (judge: its verdict), masked unless the MTA finished
     with sampler.timed("rewards"):
         correct = task.score([tr.final_response for tr in trajs], [{"answer": tr.answer} for tr in trajs])
@@ -616,6 +621,7 @@ def validate(args: Args, accelerator) -> None:
     check_twin_options(args, need, accelerator.num_processes, ESTIMATORS,
                        args.rollout_batch_size * args.num_generations * len(trained_roles(0, args)),  # one per role
                        "rollout_batch_size x num_generations x trained roles")
+    need(not args.reas_one_shot or args.data.task == "math", "--reas_one_shot is a worked math example")
     need(args.clip_mode == "turn" or args.ratio_form == "geometric",
          "--ratio_form chooses how a turn's ratio is formed: it needs --clip_mode turn")
 

@@ -57,7 +57,7 @@ def single_turn() -> dict[str, tuple[str, dict]]:
 
 def multi_turn() -> dict[str, tuple[str, dict]]:
     return {
-        "cpu": ("CPU-sized: SmolLM2-135M on a + b, 2 turns of 32 tokens, one worked example per agent", {}),
+        "cpu": ("CPU-sized: SmolLM2-135M on a + b, 2 turns of 32 tokens, a worked example for the MTA", {}),
         "paper-qwen2.5-7b": ("Sec. 4.3 multi-turn ReMA: Qwen2.5-7B after sft.py (runs/sft_qwen7b/model), MATH levels 3-5",
                              MATH_LV3TO5 | {"lm.model": "runs/sft_qwen7b/model", "rollout_batch_size": 128, "num_generations": 16,
                                      "max_turns": 30, "max_completion_length": 512, "max_context_length": 4096,
