@@ -121,3 +121,27 @@ def test_seeds_are_checked(setup):
         generate(model, tokenizer, batch, seeds=[0], **kw)
     with pytest.raises(AssertionError, match="2\\*\\*32"):
         generate(model, tokenizer, batch[:1], seeds=[2**32], **kw)
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_as_alone(setup):
+    """A batch that repeats prompts (G samples of a prompt, K RA answers under a plan) prefills each distinct prompt
+    once and copies its KV cache to the repeats: the first forward pass sees one row per distinct prompt, and every
+    completion is the one that prompt and seed give when generated alone (batch_size=1: nothing to share)."""
+    model, tokenizer, batch, kw = setup
+    repeated = [batch[0], batch[1], batch[0], batch[2], batch[1], batch[0]]  # 3 distinct prompts, 6 rows
+    seeds = [11, 12, 13, 14, 15, 16]
+    first_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: first_rows.append(kwargs["input_ids"].shape[0]) if not first_rows else None,
+        with_kwargs=True)
+    try:
+        shared = [c.ids for c in generate(model, tokenizer, repeated, seeds=seeds, batch_size=64, **kw)]
+    finally:
+        hook.remove()
+    assert first_rows == [3]
+    alone = [c.ids for c in generate(model, tokenizer, repeated, seeds=seeds, batch_size=1, **kw)]
+    assert shared == alone
+    assert len({tuple(ids) for ids in shared}) > 1  # the seeds made different samples of the repeated prompts
+    greedy = kw | dict(temperature=0.0)
+    assert ([c.ids for c in generate(model, tokenizer, repeated, **greedy)]
+            == [c.ids for c in generate(model, tokenizer, repeated, batch_size=1, **greedy)])

@@ -89,6 +89,30 @@ class SeededSampler(LogitsProcessor):
 
 
 @torch.no_grad()
+def _shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, autocast):
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt and copied to the rows
+    that repeat it (the G samples of a prompt, the K RA answers under one plan), or None when no prompt repeats (or
+    the prompts are one token long: HF needs one uncached token to start from). The prompt is most of what a short
+    completion costs (a one-shot prompt of ~150 tokens before 32 new ones), so K = 6 copies prefill once, not 6 times.
+    Positions follow the attention mask, as HF's own prefill sets them, so the copies continue exactly as the rows
+    would have from their own prefill (up to float rounding). Not under FSDP (`synced_gpus`): a forward pass there
+    is a collective, and processes with different repeats would run different numbers of them."""
+    rows = [tuple(r) for r in input_ids.tolist()]
+    first = {r: i for i, r in reversed(list(enumerate(rows)))}  # each distinct prompt -> its first row
+    if len(first) == len(rows) or input_ids.shape[1] < 2:
+        return None
+    unique = torch.tensor(sorted(first.values()), device=input_ids.device)  # (u,)
+    mask = attention_mask[unique, :-1]  # (u, P - 1)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (u, P - 1): HF's positions for left padding
+    with autocast:
+        cache = model(input_ids=input_ids[unique, :-1], attention_mask=mask, position_ids=positions,
+                      use_cache=True).past_key_values
+    slot = {int(row): j for j, row in enumerate(unique.tolist())}
+    cache.reorder_cache(torch.tensor([slot[first[r]] for r in rows], device=input_ids.device))  # (b, ...) rows
+    return cache
+
+
+@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -107,6 +131,7 @@ def generate(
     synced_gpus: bool = False,
     seeds: list[int] | None = None,
     should_stop=None,
+    share_prefill: bool = True,
 ) -> list[Completion]:
     """Sample one completion per prompt with HF `generate` (temperature 0 means greedy). A completion ends at the
     first of `stop_ids` (kept) or at the token that completes one of `stop_strings` (kept).
@@ -124,7 +149,10 @@ def generate(
     temperature 0 the seeds are ignored (greedy); without seeds HF samples from the global torch RNG.
 
     `should_stop` (a callable, e.g. "was SIGTERM received?") is asked before every batch; once it says yes the
-    remaining batches are skipped and their completions are missing from the result (the caller stops the run)."""
+    remaining batches are skipped and their completions are missing from the result (the caller stops the run).
+
+    `share_prefill`: a prompt that repeats within a batch is prefilled once (`_shared_prefill`); False prefills every
+    row (bench/prefix_sharing.py times both)."""
     from utils.vllm_engine import VLLMEngine  # (imports no vLLM)
 
     if seeds is not None:
@@ -156,6 +184,7 @@ def generate(
             break
         padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, return_tensors="pt", padding_side="left")
         input_ids = padded["input_ids"].to(device)  # (b, P)
+        cache = None if synced_gpus or not share_prefill else _shared_prefill(model, input_ids, padded["attention_mask"].to(device), autocast)
         if seeded:  # row r of this batch is prompt batch[r]
             sampler = SeededSampler([seeds[i] for i in batch], temperature, top_p, top_k)
             sampling["logits_processor"] = LogitsProcessorList([sampler])
@@ -167,6 +196,7 @@ def generate(
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 use_cache=True,
+                past_key_values=cache,
                 synced_gpus=synced_gpus,
                 **stops,
                 **sampling,
