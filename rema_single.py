@@ -21,7 +21,7 @@ Departures from the paper / official code, all deliberate:
  2. The RA prompt says \\boxed{} (paper App. G), not the official code's literal \\boxed{{}}.
  3. The MTA leak penalty is added to R_h (the paper does not say added or replaced); R_h averages
     `reas_samples_per_plan` RA samples per plan (not given in the paper; the paper presets take App. D.1's 4, which
-    `--reas_samples_per_plan None` gives; the CPU default is 2).
+    `--reas_samples_per_plan None` gives; the CPU default is 6, item 11).
  4. With GRPO / RLOO the KL term (if beta > 0) is a k3 penalty in the loss (as in TRL), not in the reward.
  5. The official schedule (`--schedule switch`) starts a fresh block every switch_freq steps from step 0, without
     the official code's 9-step first block.
@@ -36,9 +36,9 @@ Departures from the paper / official code, all deliberate:
     D.1): `--mode vrp|mrp` and the VRP / MRP paper presets train unfiltered unless `--filter` is given.
 11. CPU-sized defaults (`--preset cpu`, chosen on the training reward and on training questions): `a + b` and
     SmolLM2-135M; a worked example (7 + 5) in the RA's prompt (`--one_shot`: zero-shot the 135M RA boxes none of its
-    greedy answers); temperature 0.7; 3 samples per prompt; plans and solutions of 32 tokens; 2 epochs per phase of
-    one round; a filter pool of 32 questions; 100 held-out sums, evaluated at the start and the end only; no gradient
-    checkpointing. Each flag's docstring gives the paper's value; the `paper-*` presets set them all.
+    greedy answers); temperature 0.7; 3 samples per prompt; R_h over 6 RA answers per plan (with 2, its noise let the
+    MTA's phase undo the RA's gains); 32-token plans and solutions; 2 epochs per phase, one round; a filter pool of 32;
+    100 held-out sums, evaluated at start and end; no gradient checkpointing. Flag docstrings give the paper's values.
 """
 
 import math
@@ -101,7 +101,7 @@ class Args:
     """B: prompts per training step over all processes (paper: 1000); for the RA a prompt is a (question, plan) pair"""
     num_generations: int = 3
     """G: samples per prompt, the group of GRPO / RLOO (paper: 4)"""
-    reas_samples_per_plan: int | None = 2
+    reas_samples_per_plan: int | None = 6
     """K: RA samples per plan that R_h averages when training the MTA (paper: not stated; None: num_generations)"""
     temperature: float = 0.7
     """sampling temperature of the rollouts and of the prompt filter (paper 1.0); evaluation is greedy"""
