@@ -94,8 +94,9 @@ def _shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     that repeat it (the G samples of a prompt, the K RA answers under one plan), or None when no prompt repeats (or
     the prompts are one token long: HF needs one uncached token to start from). The prompt is most of what a short
     completion costs (a one-shot prompt of ~150 tokens before 32 new ones), so K = 6 copies prefill once, not 6 times.
-    Positions follow the attention mask, as HF's own prefill sets them, so the copies continue exactly as the rows
-    would have from their own prefill (up to float rounding). Not under FSDP (`synced_gpus`): a forward pass there
+    Positions follow the attention mask, as HF's own prefill sets them, so the copies continue as the rows would have
+    from their own prefill up to float rounding (under bf16 autocast one bf16 unit of a logit, which changes some
+    samples; bench/prefix_sharing.py counts them). Not under FSDP (`synced_gpus`): a forward pass there
     is a collective, and processes with different repeats would run different numbers of them."""
     rows = [tuple(r) for r in input_ids.tolist()]
     first = {r: i for i, r in reversed(list(enumerate(rows)))}  # each distinct prompt -> its first row
