@@ -2,7 +2,7 @@
 
 An MTA step of `rema_single.py` under the `cpu` preset writes G = 3 plans for each of 8 questions and then K RA answers
 under each of the 24 plans (32 new tokens each): the K copies of one RA prompt (system prompt, worked example, question,
-plan: about 150 tokens) are identical. `utils.generation.generate` prefills such a prompt once and copies its KV cache
+plan: about 190 tokens) are identical. `utils.generation.generate` prefills such a prompt once and copies its KV cache
 (`share_prefill=True`, the default); this times that call both ways, with seeded sampling as the scripts do, and
 checks that both ways sample the same completions.
 

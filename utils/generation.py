@@ -93,23 +93,26 @@ def _shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """The KV cache of every row's prompt but its last token, computed once per distinct prompt and copied to the rows
     that repeat it (the G samples of a prompt, the K RA answers under one plan), or None when no prompt repeats (or
     the prompts are one token long: HF needs one uncached token to start from). The prompt is most of what a short
-    completion costs (a one-shot prompt of ~150 tokens before 32 new ones), so K = 6 copies prefill once, not 6 times.
+    completion costs (the cpu preset's one-shot RA prompt: ~190 tokens before 32 new ones), so K = 6 copies prefill
+    once, not 6 times.
     Positions follow the attention mask, as HF's own prefill sets them, so the copies continue as the rows would have
     from their own prefill up to float rounding (under bf16 autocast one bf16 unit of a logit, which changes some
     samples; bench/prefix_sharing.py counts them). Not under FSDP (`synced_gpus`): a forward pass there
     is a collective, and processes with different repeats would run different numbers of them."""
     rows = [tuple(r) for r in input_ids.tolist()]
-    first = {r: i for i, r in reversed(list(enumerate(rows)))}  # each distinct prompt -> its first row
+    first: dict[tuple, int] = {}  # each distinct prompt -> its first row, in order of first appearance
+    for i, r in enumerate(rows):
+        first.setdefault(r, i)
     if len(first) == len(rows) or input_ids.shape[1] < 2:
         return None
-    unique = torch.tensor(sorted(first.values()), device=input_ids.device)  # (u,)
+    unique = torch.tensor(list(first.values()), device=input_ids.device)  # (u,)
     mask = attention_mask[unique, :-1]  # (u, P - 1)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (u, P - 1): HF's positions for left padding
     with autocast:
         cache = model(input_ids=input_ids[unique, :-1], attention_mask=mask, position_ids=positions,
                       use_cache=True).past_key_values
-    slot = {int(row): j for j, row in enumerate(unique.tolist())}
-    cache.reorder_cache(torch.tensor([slot[first[r]] for r in rows], device=input_ids.device))  # (b, ...) rows
+    slot = {r: j for j, r in enumerate(first)}  # each distinct prompt -> its row of the cache
+    cache.reorder_cache(torch.tensor([slot[r] for r in rows], device=input_ids.device))  # (b, ...): one row per row
     return cache
 
 
@@ -185,14 +188,16 @@ def generate(
             break
         padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, return_tensors="pt", padding_side="left")
         input_ids = padded["input_ids"].to(device)  # (b, P)
-        cache = None if synced_gpus or not share_prefill else _shared_prefill(model, input_ids, padded["attention_mask"].to(device), autocast)
+        attention_mask = padded["attention_mask"].to(device)  # (b, P)
+        share = share_prefill and not synced_gpus
+        cache = _shared_prefill(model, input_ids, attention_mask, autocast) if share else None
         if seeded:  # row r of this batch is prompt batch[r]
             sampler = SeededSampler([seeds[i] for i in batch], temperature, top_p, top_k)
             sampling["logits_processor"] = LogitsProcessorList([sampler])
         with autocast:
             out = model.generate(
                 input_ids=input_ids,
-                attention_mask=padded["attention_mask"].to(device),
+                attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
